@@ -1,0 +1,2 @@
+"""dreamllm-fast."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Export of the diffusion decoder: ONNX, TensorRT, compiled backends (installed as dreamllm_fast.export)."""

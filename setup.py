@@ -1,0 +1,54 @@
+"""dreamllm-fast: a fast, faithful inference engine for DreamLLM (ICLR 2024).
+
+The top-level folders ``kernels/`` and ``export/`` install as ``dreamllm_fast.kernels`` and
+``dreamllm_fast.export``: a top-level module named ``kernels`` would shadow the PyPI distribution of
+that name, which transformers probes at import time.
+"""
+from setuptools import find_packages, setup
+
+PACKAGES = find_packages(include=["dreamllm_fast", "dreamllm_fast.*"]) + [
+    "dreamllm_fast.kernels",
+    "dreamllm_fast.export",
+]
+
+setup(
+    name="dreamllm-fast",
+    version="0.1.0",
+    description="Fast, faithful inference for DreamLLM: Triton kernels, CUDA-graph decoding, "
+    "exported diffusion decoder",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"dreamllm_fast.kernels": "kernels", "dreamllm_fast.export": "export"},
+    install_requires=[
+        # 2.11 is what the GPU fleet runs; 2.14 is the newest release checked.
+        "torch>=2.11,<2.15",
+        "transformers>=5.0,<6",
+        "diffusers>=0.30",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "safetensors>=0.4",
+        "numpy",
+        "Pillow",
+        "tqdm",
+        # Triton ships inside CUDA builds of torch; CPU builds need it for interpreter mode.
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.1",
+            "matplotlib",
+        ],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "polygraphy"],
+        # TensorRT's wheels fetch their libraries from NVIDIA's index at install time.
+        "tensorrt": ["tensorrt>=10", "onnx>=1.16", "polygraphy"],
+        # No binary wheel: builds from source against the local CUDA toolkit.
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["dreamllm-fast=dreamllm_fast.cli:main"]},
+)
