@@ -1,0 +1,182 @@
+"""Torch-only oracles for every kernel in this folder (imports only torch).
+
+Each ``<op>_ref`` has the same signature and semantics as the Triton launcher ``<op>`` and is also
+the engine's CPU fallback, so it follows Hugging Face LLaMA math exactly:
+
+- RMSNorm: variance in fp32, normalized value cast back to the input dtype, then times the weight.
+- RoPE: HF ``rotate_half`` (half split) convention, rotation computed in fp32 (fp64 for fp64
+  inputs) and rounded to the activation dtype.
+- Attention: scores ``q @ k^T`` in the activation dtype (fp32 accumulation, as cuBLAS does), softmax
+  upcast to fp32, probabilities cast back to the activation dtype, then ``p @ v``. For fp32 inputs
+  this is exact fp32 HF math; for fp64 inputs everything stays fp64 (the tests' oracle).
+
+Attention references loop over sequences on the host (``.tolist()``): fine for a CPU fallback with
+tiny models and for tests, never used on the GPU hot path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "rope_cos_sin_ref",
+    "apply_rope_ref",
+    "append_attention_ref",
+    "decode_attention_ref",
+    "dream_projection_ref",
+    "rmsnorm_ref",
+    "silu_and_mul_ref",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every activation dtype, fp64 stays fp64 (oracle mode)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_cos_sin_ref(max_pos: int, head_dim: int, theta: float = 10000.0, device=None):
+    """RoPE tables as HF LLaMA builds them (before any cast to the activation dtype).
+
+    Returns ``cos, sin``: [max_pos, head_dim // 2] float32, where entry [p, i] is
+    cos/sin(p * theta^(-2i/head_dim)).
+    """
+    assert head_dim % 2 == 0, f"head_dim must be even, got {head_dim}"
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    t = torch.arange(max_pos, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # [max_pos, D/2]
+    return freqs.cos().contiguous(), freqs.sin().contiguous()
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x``: [n, H, D] at positions ``pos``: [n] (HF rotate_half); returns x's dtype."""
+    cdt = _compute_dtype(x.dtype)
+    half = x.shape[-1] // 2
+    c = cos[pos].to(cdt)[:, None, :]  # [n, 1, D/2]
+    s = sin[pos].to(cdt)[:, None, :]
+    xf = x.to(cdt)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def _attend_ref(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, offset: int, sm_scale: float):
+    """q: [n, Hq, D] (rotated), keys/vals: [offset + n, Hkv, D]; query i sits at position offset + i.
+
+    Returns [n, Hq, D] in q's dtype. Causal with an offset: query i sees keys [0, offset + i].
+    """
+    n, hq, _ = q.shape
+    hkv = keys.shape[1]
+    group = hq // hkv
+    dt = q.dtype
+    sdt = _compute_dtype(dt)
+    kk = keys.to(dt).repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
+    vv = vals.to(dt).repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
+    qq = q.transpose(0, 1)  # [Hq, n, D]
+    scores = torch.matmul(qq, kk.transpose(1, 2)).to(sdt) * sm_scale  # [Hq, n, S]
+    s_len = keys.shape[0]
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(s_len, device=q.device)[None, :]
+    scores = scores.masked_fill(j > offset + i, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(dt)
+    return torch.matmul(p, vv).transpose(0, 1)  # [n, Hq, D]
+
+
+def append_attention_ref(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+                         max_seqlen_q, sm_scale=None, out=None):
+    """Chunked-prefill attention over a static KV cache (oracle and CPU fallback).
+
+    q: [total_q, Hq, D]; k, v: [total_q, Hkv, D] packed new tokens.
+    k_cache, v_cache: [num_slots, max_seq, Hkv, D] (mutated: rotated k and raw v written at
+    positions [cache_lens[b], cache_lens[b] + q_len_b) of slot slot_ids[b]).
+    cu_seqlens_q: [B+1] int32; cache_lens: [B] int32 (tokens cached before this call);
+    slot_ids: [B] int32; cos, sin: [max_pos, D/2] float32. max_seqlen_q: host int (unused here).
+    Returns out: [total_q, Hq, D] in q's dtype.
+    """
+    total_q, hq, d = q.shape
+    assert k.shape[0] == total_q and v.shape == k.shape, "k/v must be [total_q, Hkv, D] like q"
+    assert hq % k.shape[1] == 0, f"Hq={hq} must be a multiple of Hkv={k.shape[1]}"
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    if out is None:
+        out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = cache_lens.tolist()
+    slots = slot_ids.tolist()
+    for b in range(len(lens)):
+        s, e, L, slot = cu[b], cu[b + 1], lens[b], slots[b]
+        n = e - s
+        if n == 0:
+            continue
+        pos = torch.arange(L, L + n, device=q.device)
+        q_rot = apply_rope_ref(q[s:e], cos, sin, pos)
+        k_rot = apply_rope_ref(k[s:e], cos, sin, pos)
+        k_cache[slot, L:L + n] = k_rot.to(k_cache.dtype)
+        v_cache[slot, L:L + n] = v[s:e].to(v_cache.dtype)
+        out[s:e] = _attend_ref(q_rot, k_cache[slot, :L + n], v_cache[slot, :L + n], L, sm_scale).to(out.dtype)
+    return out
+
+
+def decode_attention_ref(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
+                         num_splits=None, out=None):
+    """One new token per sequence (oracle and CPU fallback).
+
+    q: [B, Hq, D]; k, v: [B, Hkv, D]; the new token of sequence b sits at position cache_lens[b]
+    and attends to cache positions [0, cache_lens[b]]. k_cache/v_cache: [num_slots, max_seq, Hkv, D]
+    (mutated at that position). cache_lens is NOT incremented. num_splits is ignored.
+    Returns out: [B, Hq, D] in q's dtype.
+    """
+    b = q.shape[0]
+    cu = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    return append_attention_ref(q, k, v, k_cache, v_cache, cu, cache_lens, slot_ids, cos, sin, 1,
+                                sm_scale=sm_scale, out=out)
+
+
+def rmsnorm_ref(x, weight, eps, residual=None, out=None, residual_out=None):
+    """HF LlamaRMSNorm, optionally fused with the residual add.
+
+    x: [..., H]; weight: [H]; residual: like x or None.
+    Without residual returns normed (x's dtype). With residual: h = x + residual (in x's dtype) is
+    written to residual_out, or in place into residual when residual_out is None, and
+    (normed(h), h) is returned.
+    """
+    h = x
+    if residual is not None:
+        h = x + residual
+        if residual_out is None:
+            residual_out = residual
+        residual_out.copy_(h)
+        h = residual_out
+    cdt = _compute_dtype(x.dtype)
+    hf = h.to(cdt)
+    var = hf.pow(2).mean(-1, keepdim=True)
+    normed = (hf * torch.rsqrt(var + eps)).to(x.dtype)
+    y = (normed.to(cdt) * weight.to(cdt)).to(x.dtype) if weight.dtype != x.dtype else normed * weight
+    if out is None:
+        out = y
+    else:
+        out.copy_(y)
+    return out if residual is None else (out, h)
+
+
+def silu_and_mul_ref(gate_up, out=None):
+    """gate_up: [T, 2F] (gate = first F columns, up = last F) -> out: [T, F] = silu(gate) * up."""
+    f = gate_up.shape[-1] // 2
+    y = torch.nn.functional.silu(gate_up[..., :f]) * gate_up[..., f:]
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def dream_projection_ref(hidden, rows, norm_weight, proj_weight, eps, out=None):
+    """Dream-query conditioning: final RMSNorm at the query rows, then the bias-free projector.
+
+    hidden: [T, H] (last decoder layer output before the final norm); rows: [N] int64;
+    norm_weight: [H]; proj_weight: [C, H]. Returns out: [N, C] in hidden's dtype (any strides).
+    """
+    x = hidden.index_select(0, rows.to(torch.long))
+    y = rmsnorm_ref(x, norm_weight, eps)
+    y = torch.matmul(y, proj_weight.to(y.dtype).t())
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
