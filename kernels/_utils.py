@@ -1,0 +1,39 @@
+"""Small launcher helpers shared by the kernel files (no Triton import here)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def is_interpret() -> bool:
+    """True when Triton runs in interpreter mode (CPU tests): tiny blocks, fp32 upcasts."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def warps_for_block(block: int) -> int:
+    """Liger ``calculate_settings``: more warps for wider rows."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on device (132 on H100 SXM); 4 for CPU/interpreter runs."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
