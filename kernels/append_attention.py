@@ -1,0 +1,253 @@
+"""Append (chunked-prefill) attention over a static KV cache, packed varlen batches.
+
+Two launches:
+1. ``_rope_cache_write_kernel``: RoPE on the new keys, rotated k and raw v written into the cache.
+2. ``_append_attention_kernel``: flash attention (online softmax, fp32 statistics); q is rotated
+   on load; every key and value is read from the cache.
+
+Why not fuse 1 into 2: a query block needs the keys of every earlier row of its chunk, and those rows
+belong to other programs (other query blocks, and for GQA other q heads of the same kv head). Triton
+has no grid-wide barrier, so a fused kernel would either race on the cache or have to re-rotate the
+chunk's keys from ``k`` in every program (a second code path in the hot loop). The separate launch
+reads/writes only the new tokens (2 x total_q x Hkv x D elements: ~2 MB for a 258-token chunk at
+7B shapes, a few microseconds), and keeps the attention loop a plain cache read.
+
+Causality with an offset: query i of sequence b sits at position cache_lens[b] + i and sees keys
+[0, cache_lens[b] + i]. No mask tensor exists; the loop bound stops at the block's last visible key
+(fully masked tiles are never visited) and only the last one or two tiles on the diagonal apply the
+causal mask (``_attn_inner`` with MASKED=True).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import cast_rne
+from ._utils import is_interpret, next_pow2
+
+
+@triton.jit
+def _rope_cache_write_kernel(
+    # pointers
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, cu_ptr, lens_ptr, slots_ptr, cos_ptr, sin_ptr,
+    # sizes
+    HKV,
+    # strides
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcs, stride_kcp, stride_kch, stride_vcs, stride_vcp, stride_vch,
+    stride_cos, stride_sin,
+    # meta
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, IS_INTERPRET: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    q_start = tl.load(cu_ptr + b).to(tl.int64)
+    q_len = tl.load(cu_ptr + b + 1).to(tl.int64) - q_start
+    if pid_t * BLOCK_T >= q_len:
+        return
+    cache_len = tl.load(lens_ptr + b).to(tl.int64)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = (t < q_len)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    pos = (cache_len + t)[:, None]  # [BLOCK_T, 1]
+    row = (q_start + t)[:, None]
+    c = tl.load(cos_ptr + pos * stride_cos + d, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + pos * stride_sin + d, mask=mask, other=0.0)
+    kc_base = k_cache_ptr + slot * stride_kcs + pos * stride_kcp + d
+    vc_base = v_cache_ptr + slot * stride_vcs + pos * stride_vcp + d
+    for h in range(0, HKV):
+        kp = k_ptr + row * stride_kt + h * stride_kh + d
+        k1 = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=mask, other=0.0).to(tl.float32)
+        kc = kc_base + h * stride_kch
+        tl.store(kc, cast_rne(k1 * c - k2 * s, k_cache_ptr.dtype.element_ty, IS_INTERPRET), mask=mask)
+        tl.store(kc + HALF, cast_rne(k2 * c + k1 * s, k_cache_ptr.dtype.element_ty, IS_INTERPRET), mask=mask)
+        vp = v_ptr + row * stride_vt + h * stride_vh + d
+        vc = vc_base + h * stride_vch
+        tl.store(vc, tl.load(vp, mask=mask, other=0.0), mask=mask)
+        tl.store(vc + HALF, tl.load(vp + HALF, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _attn_inner(acc, m_i, l_i, q1, q2, kc_ptr, vc_ptr, stride_kcp, stride_vcp, qk_scale, pos_m,
+                lo, hi, kv_end,
+                HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PREC: tl.constexpr, IS_INTERPRET: tl.constexpr):
+    """Online softmax over key tiles [lo, hi). kc_ptr/vc_ptr point at (slot, pos 0, kv head)."""
+    d_half = tl.arange(0, HALF)
+    d_full = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kp = kc_ptr + offs_n[None, :].to(tl.int64) * stride_kcp + d_half[:, None]  # [HALF, BLOCK_N]
+        vp = vc_ptr + offs_n[:, None].to(tl.int64) * stride_vcp + d_full[None, :]  # [BLOCK_N, D]
+        if MASKED:
+            n_ok = offs_n < kv_end
+            k1 = tl.load(kp, mask=n_ok[None, :], other=0.0)
+            k2 = tl.load(kp + HALF, mask=n_ok[None, :], other=0.0)
+            v = tl.load(vp, mask=n_ok[:, None], other=0.0)
+        else:
+            k1 = tl.load(kp)
+            k2 = tl.load(kp + HALF)
+            v = tl.load(vp)
+        if IS_INTERPRET:  # the interpreter cannot do arithmetic on bf16 tiles
+            k1 = k1.to(tl.float32)
+            k2 = k2.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q1, k1, input_precision=DOT_PREC)
+        s = tl.dot(q2, k2, s, input_precision=DOT_PREC)
+        s = s * qk_scale  # log2 domain
+        if MASKED:
+            s = tl.where((offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < kv_end), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _append_attention_kernel(
+    # pointers
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_ptr, lens_ptr, slots_ptr, cos_ptr, sin_ptr,
+    # sizes
+    qk_scale,
+    # strides
+    stride_qt, stride_qh, stride_kcs, stride_kcp, stride_kch, stride_vcs, stride_vcp, stride_vch,
+    stride_ot, stride_oh, stride_cos, stride_sin,
+    # meta
+    GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, IS_INTERPRET: tl.constexpr,
+):
+    HEAD_DIM: tl.constexpr = 2 * HALF
+    pid_m = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(cu_ptr + b).to(tl.int64)
+    q_len = tl.load(cu_ptr + b + 1).to(tl.int64) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    cache_len = tl.load(lens_ptr + b).to(tl.int64)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = (offs_m < q_len)[:, None]
+    pos_m = cache_len + offs_m  # absolute positions of the block's queries
+    d = tl.arange(0, HALF)[None, :]
+    # q: rotate in fp32, round to the activation dtype (as the reference does), feed the MMA in it.
+    qp = q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + d
+    q1 = tl.load(qp, mask=m_ok, other=0.0).to(tl.float32)
+    q2 = tl.load(qp + HALF, mask=m_ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + pos_m[:, None] * stride_cos + d, mask=m_ok, other=0.0)
+    s = tl.load(sin_ptr + pos_m[:, None] * stride_sin + d, mask=m_ok, other=0.0)
+    q1r = cast_rne(q1 * c - q2 * s, q_ptr.dtype.element_ty, IS_INTERPRET)
+    q2r = cast_rne(q2 * c + q1 * s, q_ptr.dtype.element_ty, IS_INTERPRET)
+    if IS_INTERPRET:
+        q1r = q1r.to(tl.float32)
+        q2r = q2r.to(tl.float32)
+
+    kc_ptr = k_cache_ptr + slot * stride_kcs + h_kv * stride_kch
+    vc_ptr = v_cache_ptr + slot * stride_vcs + h_kv * stride_vch
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # keys every row of the block sees: [0, cache_len + first row]; last key any row sees: kv_end - 1
+    kv_end = cache_len + tl.minimum((pid_m + 1) * BLOCK_M, q_len)
+    full_end = ((cache_len + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attn_inner(acc, m_i, l_i, q1r, q2r, kc_ptr, vc_ptr, stride_kcp, stride_vcp, qk_scale,
+                                pos_m, 0, full_end, kv_end, HALF, HEAD_DIM, BLOCK_N, False, DOT_PREC,
+                                IS_INTERPRET)
+    acc, m_i, l_i = _attn_inner(acc, m_i, l_i, q1r, q2r, kc_ptr, vc_ptr, stride_kcp, stride_vcp, qk_scale,
+                                pos_m, full_end, kv_end, kv_end, HALF, HEAD_DIM, BLOCK_N, True, DOT_PREC,
+                                IS_INTERPRET)
+    o = acc / l_i[:, None]
+    op = out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(op, cast_rne(o, out_ptr.dtype.element_ty, IS_INTERPRET), mask=m_ok)
+
+
+def _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin):
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    assert d in (64, 128), f"head_dim must be 64 or 128, got {d}"
+    assert k.shape == (total, hkv, d) and v.shape == k.shape, f"k/v must be [{total}, Hkv, {d}], got {tuple(k.shape)}/{tuple(v.shape)}"
+    assert hq % hkv == 0, f"Hq={hq} must be a multiple of Hkv={hkv}"
+    assert k_cache.dim() == 4 and k_cache.shape[2:] == (hkv, d), f"k_cache must be [slots, max_seq, {hkv}, {d}], got {tuple(k_cache.shape)}"
+    assert v_cache.shape == k_cache.shape, "v_cache must match k_cache"
+    assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype == q.dtype, "q, k, v and the caches must share one dtype"
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        assert t.stride(-1) == 1, f"{name} must have a contiguous last dim"
+    assert cos.shape == sin.shape and cos.shape[-1] == d // 2, f"cos/sin must be [max_pos, {d // 2}]"
+    assert cos.dtype == sin.dtype == torch.float32 and cos.stride(-1) == 1 and sin.stride(-1) == 1, "cos/sin must be fp32, last dim contiguous"
+    assert cache_lens.dtype == slot_ids.dtype == torch.int32, "cache_lens and slot_ids must be int32"
+    devs = {t.device for t in (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)}
+    assert len(devs) == 1, f"all tensors must be on one device, got {devs}"
+
+
+def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+                     max_seqlen_q, sm_scale=None, out=None):
+    """Append a packed chunk to the KV cache and attend causally over prefix + chunk.
+
+    q: [total_q, Hq, D]; k, v: [total_q, Hkv, D] (packed, no padding; D in {64, 128}).
+    k_cache, v_cache: [num_slots, max_seq, Hkv, D], any strides with a contiguous last dim; rotated k
+    and raw v are written at positions [cache_lens[b], cache_lens[b] + q_len_b) of slot slot_ids[b].
+    cu_seqlens_q: [B+1] int32; cache_lens: [B] int32 (before this call, not incremented);
+    slot_ids: [B] int32; cos, sin: [max_pos, D/2] fp32; max_seqlen_q: host int >= max q_len_b
+    (sizes the grid). sm_scale: default 1/sqrt(D). out: [total_q, Hq, D] in q's dtype or None.
+    Returns out.
+    """
+    _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    B = cache_lens.shape[0]
+    assert cu_seqlens_q.shape == (B + 1,) and cu_seqlens_q.dtype == torch.int32, f"cu_seqlens_q must be [{B + 1}] int32"
+    assert slot_ids.shape == (B,), f"slot_ids must be [{B}]"
+    assert isinstance(max_seqlen_q, int) and max_seqlen_q >= 0, "max_seqlen_q must be a host int"
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
+    if total == 0 or B == 0 or max_seqlen_q == 0:
+        return out
+    interp = is_interpret()
+
+    block_t = 16 if interp else 32
+    _rope_cache_write_kernel[(triton.cdiv(max_seqlen_q, block_t), B)](
+        k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+        hkv,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        cos.stride(0), sin.stride(0),
+        HALF=d // 2, BLOCK_T=block_t, IS_INTERPRET=interp, num_warps=4,
+    )
+
+    is_fp32 = q.dtype == torch.float32
+    if interp:  # fewer, larger numpy ops: the interpreter's cost is per op, not per element
+        block_m, block_n, warps, stages = min(64, max(16, next_pow2(max_seqlen_q))), 64, 4, 1
+    elif is_fp32:  # test-only path: ieee fp32 MMA, smaller tiles to fit shared memory
+        block_m, block_n, warps, stages = (64 if max_seqlen_q > 32 else 32), 32, 4, 2
+    else:  # H100: 128x64 tiles, 8 warps, 3 stages for D=128 (Triton tutorial class of configs)
+        block_m = 128 if max_seqlen_q > 64 else max(16, next_pow2(max_seqlen_q))
+        block_n = 64
+        warps = 8 if (block_m == 128 and d == 128) else 4
+        stages = 3
+    grid = (triton.cdiv(max_seqlen_q, block_m), B, hq)
+    _append_attention_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+        sm_scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
+        GROUP=hq // hkv, HALF=d // 2, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PREC="ieee" if is_fp32 else "tf32", IS_INTERPRET=interp,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
