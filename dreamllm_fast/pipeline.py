@@ -1,0 +1,394 @@
+"""Public API: `DreamLLMPipeline` for chat, text-to-image and interleaved documents.
+
+The pipeline owns the request logic (validation, prompt layout, sampling, the diffusion loop, image
+feedback); a backend owns the model math. Backends expose the same small interface:
+
+    embed_tokens(ids) -> [n, H]            encode_images(pixels) -> [N, P, H]
+    dream_queries [Q, H]                   new_session() -> session
+    unet_eps(sample, t, context) -> eps    vae_decode(latents) -> image in [-1, 1]
+    session.extend(embeds) -> logits [V]   session.extend_dream(embeds, rows) -> condition [Q, C]
+
+``backend="reference"`` is the transformers + diffusers oracle (dreamllm_fast/reference);
+the fast engine plugs in behind the same interface.
+
+Each call is a list of named, timed steps (check_inputs -> encode -> prefill -> decode ->
+condition -> diffuse -> decode_latents); `last_timings` holds the seconds of the latest call.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import Precision, SpecialTokens
+from .diffusion import (check_diffusion_args, decode_latents, denoise, make_scheduler,
+                        prepare_latents, to_pil)
+from .errors import EngineBusyError, InvalidInputError
+from .images import ImagePreprocessor
+from .prompt import Prompt, PromptBuilder, normalize_content
+from .sampling import SamplingParams, sample_token
+
+BACKENDS = ("reference", "engine")
+
+
+class DreamLLMPipeline:
+    """DreamLLM's three jobs behind one object. Serves one call at a time (thread-safe refusal)."""
+
+    def __init__(self, model, tokenizer, progress: bool = True):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.special: SpecialTokens = model.special
+        self.prompts = PromptBuilder(tokenizer, self.config, self.special)
+        self.preprocess = ImagePreprocessor(self.config.vision.preprocessor)
+        self.progress = progress
+        self.max_len = self.config.llm.max_position_embeddings
+        self.last_timings: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._uncond: Optional[torch.Tensor] = None  # the empty prompt's condition: a constant
+        # Diffusion backends (eager module calls by default; export backends may replace them).
+        self.unet = model.unet_eps
+        self.vae_decode = model.vae_decode
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None,
+                        dtype: Union[str, torch.dtype, None] = None, backend: Optional[str] = None,
+                        unet_backend: str = "eager", vae_backend: str = "eager",
+                        progress: bool = True) -> "DreamLLMPipeline":
+        """Load a checkpoint directory in the official release layout, offline.
+
+        device: default "cuda" when available, else "cpu". dtype: default bf16 on CUDA and fp32 on
+        the CPU. backend: "reference" (transformers + diffusers) or "engine" (the fast engine;
+        the default on CUDA once available).
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32")).dtype
+        backend = backend or "reference"
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        ckpt = load_checkpoint(path)
+        tok = ckpt.tokenizer()
+        special = SpecialTokens.from_tokenizer(tok)
+        if backend == "reference":
+            from .reference import ReferenceModel
+
+            model = ReferenceModel(ckpt, special, device=device, dtype=dtype)
+        else:
+            try:
+                from .engine import EngineModel
+            except ImportError as e:
+                raise InvalidInputError(
+                    f"the fast engine is not available in this build ({e}); use backend='reference'"
+                ) from None
+            model = EngineModel(ckpt, special, device=device, dtype=dtype)
+        pipe = cls(model, tok, progress=progress)
+        pipe.set_diffusion_backends(unet_backend, vae_backend)
+        return pipe
+
+    def set_diffusion_backends(self, unet: str = "eager", vae: str = "eager", **opts) -> None:
+        """Choose how the U-Net and VAE run: "eager" | "compiled" | "onnxruntime" | "tensorrt"."""
+        if unet == "eager":
+            self.unet = self.model.unet_eps
+        else:
+            from .export.backends import make_unet_backend
+
+            self.unet = make_unet_backend(self.model.unet, unet, precision=self.model.dtype, **opts)
+        if vae == "eager":
+            self.vae_decode = self.model.vae_decode
+        else:
+            from .export.backends import make_vae_backend
+
+            self.vae_decode = make_vae_backend(self.model.vae, vae, precision=self.model.dtype, **opts)
+
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call(self):
+        """One call at a time; timings reset per call; nothing survives a failed call."""
+        if not self._lock.acquire(blocking=False):
+            raise EngineBusyError(
+                "this pipeline is serving another call; calls are served one at a time: wait for "
+                "it, or load a second pipeline"
+            )
+        self.last_timings = {}
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _step(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            self.last_timings[name] = self.last_timings.get(name, 0.0) + time.perf_counter() - t0
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        """[L, H] embeddings with image features and dream queries substituted."""
+        emb = self.model.embed_tokens(prompt.ids).clone()
+        if prompt.images:
+            with self._step("encode"):
+                feats = self.model.encode_images(self.preprocess(prompt.images))
+            P = feats.shape[1]
+            for s, f in zip(prompt.image_slots, feats):
+                emb[s:s + P] = f.to(emb.dtype)
+        Q = self.model.dream_queries.shape[0]
+        for s in prompt.dream_slots:
+            emb[s:s + Q] = self.model.dream_queries.to(emb.dtype)
+        return emb
+
+    def _sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def _condition(self, prompt: Prompt) -> torch.Tensor:
+        """Projected condition [Q, C] of a prompt ending with `<dream_start>` + Q query slots."""
+        session = self.model.new_session()
+        try:
+            emb = self._embed_prompt(prompt)
+            s = prompt.dream_slots[-1]
+            Q = self.model.dream_queries.shape[0]
+            with self._step("condition"):
+                return session.extend_dream(emb, list(range(s, s + Q)))
+        finally:
+            session.close()
+
+    def _uncond_condition(self, negative_prompt) -> torch.Tensor:
+        if negative_prompt is None:
+            if self._uncond is None:  # "<s> <dream_start> Q..": computed once per model
+                self._uncond = self._condition(self.prompts.raw("", dream_queries=True))
+            return self._uncond
+        return self._condition(self._t2i_prompt(negative_prompt))
+
+    def _t2i_prompt(self, content) -> Prompt:
+        p = self.prompts.raw(content, dream_queries=True)
+        self.prompts.check_fits(p, 0, self.max_len, "the text-to-image prompt")
+        return p
+
+    @staticmethod
+    def _is_batch(prompt: Any) -> bool:
+        """A list of strings, or a list of lists, is a batch; anything else is one prompt."""
+        return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+            isinstance(p, (str, list, tuple)) for p in prompt)
+
+    # -- text-to-image -------------------------------------------------------------------------
+    def encode_condition(self, prompt, negative_prompt=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The U-Net conditioning of a prompt: (cond, uncond), each [B, Q, cross_attention_dim].
+
+        prompt: text, or content mixing text and images (in-context generation), or a batch
+        (a list of texts or of content lists). negative_prompt: same batch size, or None for the
+        empty prompt (the model's constant unconditional embedding).
+        """
+        with self._call():
+            return self._encode_condition(prompt, negative_prompt)
+
+    def _encode_condition(self, prompt, negative_prompt):
+        with self._step("check_inputs"):
+            prompts = list(prompt) if self._is_batch(prompt) else [prompt]
+            if negative_prompt is None:
+                negs = [None] * len(prompts)
+            else:
+                negs = list(negative_prompt) if self._is_batch(negative_prompt) else [negative_prompt]
+                if len(negs) != len(prompts):
+                    raise InvalidInputError(
+                        f"negative_prompt has {len(negs)} entries but prompt has {len(prompts)}"
+                    )
+            built = [self._t2i_prompt(p) for p in prompts]
+            for n in negs:
+                if n is not None:
+                    self._t2i_prompt(n)
+        # Each row runs on its own (unpadded): the original's padded batches shift positions by
+        # the pad count (dreamllm.md §2.6), which is an artifact, not the model.
+        cond = torch.stack([self._condition(p) for p in built])
+        uncond = torch.stack([self._uncond_condition(n) for n in negs])
+        return cond, uncond
+
+    def text_to_image(self, prompt, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                      negative_prompt=None, generator: Optional[torch.Generator] = None,
+                      latents: Optional[torch.Tensor] = None, output_type: str = "pil",
+                      num_images_per_prompt: int = 1, height: Optional[int] = None,
+                      width: Optional[int] = None, progress: Optional[bool] = None):
+        """Generate images. output_type "pil" -> list of PIL images; "pt" -> [B, 3, H, W] in [0, 1].
+
+        Randomness follows diffusers: initial latents from `generator` first, then each DDPM
+        step's noise from the same generator.
+        """
+        with self._call():
+            if output_type not in ("pil", "pt"):
+                raise InvalidInputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+            if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+                raise InvalidInputError(
+                    f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+            check_diffusion_args(num_inference_steps, guidance_scale,
+                                 self.config.diffusion.scheduler["num_train_timesteps"])
+            shape = self._latent_shape(height, width)
+            cond, uncond = self._encode_condition(prompt, negative_prompt)
+            cond = cond.repeat_interleave(num_images_per_prompt, 0)
+            uncond = uncond.repeat_interleave(num_images_per_prompt, 0)
+            images = self._diffuse(cond, uncond, guidance_scale, num_inference_steps, generator,
+                                   latents, shape, progress)
+            return images if output_type == "pt" else to_pil(images)
+
+    def _latent_shape(self, height, width) -> tuple[int, int, int]:
+        d = self.config.diffusion
+        f = d.vae_scale_factor
+        h = height or d.default_resolution
+        w = width or d.default_resolution
+        for name, v in (("height", h), ("width", w)):
+            if not isinstance(v, int) or v < f or v % f:
+                raise InvalidInputError(f"{name} must be a positive multiple of {f}, got {v!r}")
+        return d.latent_channels, h // f, w // f
+
+    def _diffuse(self, cond, uncond, guidance_scale, steps, generator, latents, shape, progress):
+        """[B, Q, C] conditions -> images [B, 3, H, W] in [0, 1]."""
+        d = self.config.diffusion
+        with self._step("diffuse"):
+            lat = prepare_latents((cond.shape[0],) + tuple(shape), cond.dtype, self.model.device,
+                                  generator, latents)
+            lat = denoise(self.unet, make_scheduler(d.scheduler), cond, uncond, guidance_scale,
+                          steps, lat, generator,
+                          progress=self.progress if progress is None else progress)
+        with self._step("decode_latents"):
+            return decode_latents(self.vae_decode, lat, d.vae_scaling_factor)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stream: bool = False,
+             generator: Optional[torch.Generator] = None) -> Union[str, Iterator[str]]:
+        """Answer the last user message (text and images) with text.
+
+        Stops at `</s>`, at id 1 (the original's legacy eos), at `<dream_start>` (drawing is
+        `generate`'s job), or after max_new_tokens. stream=True returns an iterator of text pieces.
+        """
+        sp = self._sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        prompt = self.prompts.chat(messages)
+        self.prompts.check_fits(prompt, sp.max_new_tokens, self.max_len, "the chat request")
+        it = self._chat_stream(prompt, sp, generator)
+        return it if stream else "".join(it)
+
+    def _chat_stream(self, prompt, sp, generator) -> Iterator[str]:
+        with self._call():
+            stops = {self.special.eos, self.special.bos, self.special.dream_start}
+            yield from self._decode_text(prompt, sp, generator, stops, images=None)
+
+    def last_token_ids(self) -> list[int]:
+        """The token ids generated by the latest chat/generate/complete call (for tests)."""
+        return list(self._last_ids)
+
+    def _decode_text(self, prompt: Prompt, sp: SamplingParams, generator, stops, images):
+        """Prefill, then decode; yields text pieces, and PIL images when `images` is a dict of
+        diffusion settings (interleaved generation)."""
+        self._last_ids: list[int] = []
+        session = self.model.new_session()
+        try:
+            emb = self._embed_prompt(prompt)
+            with self._step("prefill"):
+                logits = session.extend(emb)
+            text_ids: list[int] = []
+            emitted = ""
+            n_images = 0
+            Q, P = self.model.dream_queries.shape[0], self.config.vision.num_patches
+            t0 = time.perf_counter()
+            for _ in range(sp.max_new_tokens):
+                tok = int(sample_token(logits, sp, generator))
+                self._last_ids.append(tok)
+                if tok in stops:
+                    break
+                if images is not None and tok == self.special.dream_start:
+                    # <dream_start> Q.. then the image span: stop if the context cannot hold it.
+                    if n_images >= images["max_images"] or session.length + Q + P + 4 > self.max_len:
+                        break
+                    self.last_timings["decode"] = self.last_timings.get("decode", 0.0) + time.perf_counter() - t0
+                    image, logits = self._dream(session, images, generator)
+                    n_images += 1
+                    text_ids, emitted = [], ""
+                    yield image
+                    t0 = time.perf_counter()
+                    continue
+                text_ids.append(tok)
+                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):
+                    yield text[len(emitted):]
+                    emitted = text
+                if session.length >= self.max_len:
+                    break
+                logits = session.extend(self.model.embed_tokens([tok]))
+            self.last_timings["decode"] = self.last_timings.get("decode", 0.0) + time.perf_counter() - t0
+        finally:
+            session.close()
+
+    def _dream(self, session, opts, generator):
+        """Queries into the live cache -> condition -> image -> fed back; returns (image, logits)."""
+        sp = self.special
+        Q = self.model.dream_queries.shape[0]
+        emb = torch.cat([self.model.embed_tokens([sp.dream_start]), self.model.dream_queries])
+        with self._step("condition"):
+            cond = session.extend_dream(emb, list(range(1, Q + 1)))
+        uncond = self._uncond_condition(opts["negative_prompt"])
+        images = self._diffuse(cond[None], uncond[None], opts["guidance_scale"],
+                               opts["num_inference_steps"], generator, None,
+                               self._latent_shape(None, None), None)
+        pil = to_pil(images)[0]
+        with self._step("encode"):
+            feats = self.model.encode_images(self.preprocess([pil]))[0]
+        back = torch.cat([self.model.embed_tokens([sp.dream_end, sp.im_start]), feats.to(emb.dtype),
+                          self.model.embed_tokens([sp.im_end])])
+        with self._step("prefill"):
+            logits = session.extend(back)
+        return pil, logits
+
+    # -- interleaved ---------------------------------------------------------------------------
+    def generate(self, messages: Sequence[dict], max_new_tokens: int = 512, max_images: int = 4,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> list:
+        """An interleaved answer: a list of text strings and PIL images, in order.
+
+        Whenever the model emits `<dream_start>`, the dream queries are appended to the live
+        cache, an image is drawn from their condition, and it is fed back as
+        `<dream_end> <im_start> features <im_end>` before text resumes.
+        """
+        sp = self._sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        return self._interleave(self.prompts.chat(messages), sp, max_images, num_inference_steps,
+                                guidance_scale, negative_prompt, generator, "the generate request")
+
+    def complete(self, content, max_new_tokens: int = 128, max_images: int = 4,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> list:
+        """Raw continuation of `<s>` + content, without the chat template (in-context few-shot:
+        "<img> This is a Welsh Corgi. <img> This is a Koala. <img> This is"). Returns the same
+        list of texts and images as `generate`."""
+        sp = self._sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        return self._interleave(self.prompts.raw(content), sp, max_images, num_inference_steps,
+                                guidance_scale, negative_prompt, generator, "the completion")
+
+    def _interleave(self, prompt, sp, max_images, steps, guidance_scale, negative_prompt,
+                    generator, what) -> list:
+        if not isinstance(max_images, int) or max_images < 0:
+            raise InvalidInputError(f"max_images must be an integer >= 0, got {max_images!r}")
+        check_diffusion_args(steps, guidance_scale,
+                             self.config.diffusion.scheduler["num_train_timesteps"])
+        self.prompts.check_fits(prompt, sp.max_new_tokens, self.max_len, what)
+        if negative_prompt is not None:
+            self._t2i_prompt(negative_prompt)
+        opts = dict(max_images=max_images, num_inference_steps=steps,
+                    guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+        out: list = []
+        with self._call():
+            for piece in self._decode_text(prompt, sp, generator,
+                                           {self.special.eos, self.special.bos}, images=opts):
+                if isinstance(piece, str) and out and isinstance(out[-1], str):
+                    out[-1] += piece
+                else:
+                    out.append(piece)
+        return out
