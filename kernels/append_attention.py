@@ -17,8 +17,6 @@ Causality with an offset: query i of sequence b sits at position cache_lens[b] +
 (fully masked tiles are never visited) and only the last one or two tiles on the diagonal apply the
 causal mask (``_attn_inner`` with MASKED=True).
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -26,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, next_pow2
+from ._utils import is_interpret, launch, next_pow2, register_triton_op
 
 
 @triton.jit
@@ -190,6 +188,50 @@ def _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)
     assert len(devs) == 1, f"all tensors must be on one device, got {devs}"
 
 
+@register_triton_op("append_attention", mutates_args=("k_cache", "v_cache", "out"))
+def _append_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_lens: torch.Tensor,
+                             slot_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, max_seqlen_q: int,
+                             sm_scale: float, out: torch.Tensor) -> None:
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    B = cache_lens.shape[0]
+    interp = is_interpret()
+    block_t = 16 if interp else 32
+    torch.library.wrap_triton(_rope_cache_write_kernel)[(triton.cdiv(max_seqlen_q, block_t), B)](
+        k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+        hkv,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        cos.stride(0), sin.stride(0),
+        HALF=d // 2, BLOCK_T=block_t, IS_INTERPRET=interp, num_warps=4,
+    )
+
+    is_fp32 = q.dtype == torch.float32
+    if interp:  # fewer, larger numpy ops: the interpreter's cost is per op, not per element
+        block_m, block_n, warps, stages = min(64, max(16, next_pow2(max_seqlen_q))), 64, 4, 1
+    elif is_fp32:  # test-only path: ieee fp32 MMA, smaller tiles to fit shared memory
+        block_m, block_n, warps, stages = (64 if max_seqlen_q > 32 else 32), 32, 4, 2
+    else:  # H100: 128x64 tiles, 8 warps, 3 stages for D=128 (Triton tutorial class of configs)
+        block_m = 128 if max_seqlen_q > 64 else max(16, next_pow2(max_seqlen_q))
+        block_n = 64
+        warps = 8 if (block_m == 128 and d == 128) else 4
+        stages = 3
+    grid = (triton.cdiv(max_seqlen_q, block_m), B, hq)
+    torch.library.wrap_triton(_append_attention_kernel)[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+        sm_scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
+        GROUP=hq // hkv, HALF=d // 2, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PREC="ieee" if is_fp32 else "tf32", IS_INTERPRET=interp,
+        num_warps=warps, num_stages=stages,
+    )
+
+
 def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
                      max_seqlen_q, sm_scale=None, out=None):
     """Append a packed chunk to the KV cache and attend causally over prefix + chunk.
@@ -215,39 +257,6 @@ def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_i
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
     if total == 0 or B == 0 or max_seqlen_q == 0:
         return out
-    interp = is_interpret()
-
-    block_t = 16 if interp else 32
-    _rope_cache_write_kernel[(triton.cdiv(max_seqlen_q, block_t), B)](
-        k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
-        hkv,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        cos.stride(0), sin.stride(0),
-        HALF=d // 2, BLOCK_T=block_t, IS_INTERPRET=interp, num_warps=4,
-    )
-
-    is_fp32 = q.dtype == torch.float32
-    if interp:  # fewer, larger numpy ops: the interpreter's cost is per op, not per element
-        block_m, block_n, warps, stages = min(64, max(16, next_pow2(max_seqlen_q))), 64, 4, 1
-    elif is_fp32:  # test-only path: ieee fp32 MMA, smaller tiles to fit shared memory
-        block_m, block_n, warps, stages = (64 if max_seqlen_q > 32 else 32), 32, 4, 2
-    else:  # H100: 128x64 tiles, 8 warps, 3 stages for D=128 (Triton tutorial class of configs)
-        block_m = 128 if max_seqlen_q > 64 else max(16, next_pow2(max_seqlen_q))
-        block_n = 64
-        warps = 8 if (block_m == 128 and d == 128) else 4
-        stages = 3
-    grid = (triton.cdiv(max_seqlen_q, block_m), B, hq)
-    _append_attention_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
-        sm_scale * 1.4426950408889634,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
-        GROUP=hq // hkv, HALF=d // 2, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PREC="ieee" if is_fp32 else "tf32", IS_INTERPRET=interp,
-        num_warps=warps, num_stages=stages,
-    )
+    launch(_append_attention_launch, q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+           max_seqlen_q, sm_scale, out)
     return out

@@ -16,8 +16,6 @@ it (the split holding position cache_lens[b]); the cache loop reads only positio
 so nobody reads the slot that is being written, and exactly one program per (b, kv head) writes it.
 Slot ids must be distinct within a batch.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -25,10 +23,11 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, next_pow2, num_sms
+from ._utils import is_interpret, launch, next_pow2, num_sms, register_triton_op
 from .append_attention import _check_cache_args
 
 MAX_SPLITS = 64
+BLOCK_N = 64  # cache positions per inner-loop tile
 
 
 @triton.jit
@@ -147,11 +146,11 @@ def _decode_reduce_kernel(
 _scratch: dict = {}
 
 
-def default_num_splits(batch: int, num_heads: int, max_seq: int, device: torch.device, block_n: int = 64) -> int:
+def default_num_splits(batch: int, num_heads: int, max_seq: int, device: torch.device) -> int:
     """Enough programs for ~4 waves-worth per SM (H100: 132 SMs), from shapes only (graph-safe)."""
     target = 4 * num_sms(device)
     splits = triton.cdiv(target, max(1, batch * num_heads))
-    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, block_n)))
+    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, BLOCK_N)))
 
 
 def _get_scratch(device, B, hq, splits, d):
@@ -162,6 +161,34 @@ def _get_scratch(device, B, hq, splits, d):
                torch.empty(B, hq, splits, dtype=torch.float32, device=device))
         _scratch[key] = buf
     return buf
+
+
+@register_triton_op("decode_attention", mutates_args=("k_cache", "v_cache", "o_part", "lse_part", "out"))
+def _decode_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, cache_lens: torch.Tensor, slot_ids: torch.Tensor,
+                             cos: torch.Tensor, sin: torch.Tensor, sm_scale: float, split_len: int,
+                             o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor) -> None:
+    B, hq, d = q.shape
+    hkv = k.shape[1]
+    splits = o_part.shape[2]
+    interp = is_interpret()
+    torch.library.wrap_triton(_decode_attention_kernel)[(B, hq, splits)](
+        q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, o_part, lse_part,
+        sm_scale * 1.4426950408889634, split_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        cos.stride(0), sin.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        GROUP=hq // hkv, HALF=d // 2, BLOCK_N=BLOCK_N, IS_INTERPRET=interp,
+        num_warps=4, num_stages=2,
+    )
+    torch.library.wrap_triton(_decode_reduce_kernel)[(B, hq)](
+        o_part, lse_part, out, splits,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=d, SPLITS_PAD=max(2, next_pow2(splits)), IS_INTERPRET=interp, num_warps=4,
+    )
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
@@ -187,28 +214,11 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, 
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
     if B == 0:
         return out
-    block_n = 64
-    splits = num_splits or default_num_splits(B, hq, max_seq, q.device, block_n)
-    split_len = triton.cdiv(triton.cdiv(max_seq, splits), block_n) * block_n
+    splits = num_splits or default_num_splits(B, hq, max_seq, q.device)
+    split_len = triton.cdiv(triton.cdiv(max_seq, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(max_seq, split_len)  # drop splits that would start past max_seq
     assert 1 <= splits <= 1024, f"num_splits out of range: {splits}"
     o_part, lse_part = _get_scratch(q.device, B, hq, splits, d)
-    interp = is_interpret()
-    _decode_attention_kernel[(B, hq, splits)](
-        q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, o_part, lse_part,
-        sm_scale * 1.4426950408889634, split_len,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        cos.stride(0), sin.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        GROUP=hq // hkv, HALF=d // 2, BLOCK_N=block_n, IS_INTERPRET=interp,
-        num_warps=4, num_stages=2,
-    )
-    _decode_reduce_kernel[(B, hq)](
-        o_part, lse_part, out, splits,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=d, SPLITS_PAD=max(2, next_pow2(splits)), IS_INTERPRET=interp, num_warps=4,
-    )
+    launch(_decode_attention_launch, q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale,
+           split_len, o_part, lse_part, out)
     return out

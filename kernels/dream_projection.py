@@ -6,14 +6,12 @@ fp32 accumulation. At 7B shapes ([64, 4096] x [4096 -> 1024]) the op is an 8 MB 
 grid splits C finely so enough programs stream the weight; each program recomputes the 64 row norms
 from L2 (512 KB of activations) instead of paying a second launch.
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, next_pow2, num_sms
+from ._utils import is_interpret, launch, next_pow2, num_sms, register_triton_op
 
 
 @triton.jit
@@ -63,6 +61,37 @@ def _dream_projection_kernel(
     tl.store(op, cast_rne(acc, out_ptr.dtype.element_ty, IS_INTERPRET), mask=m_ok[:, None] & c_ok[None, :])
 
 
+@register_triton_op("dream_projection", mutates_args=("out",))
+def _dream_projection_launch(hidden: torch.Tensor, rows: torch.Tensor, norm_weight: torch.Tensor,
+                             proj_weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    T, H = hidden.shape
+    C = proj_weight.shape[0]
+    N = rows.shape[0]
+    if N == 0:
+        return
+    interp = is_interpret()
+    is_fp32 = hidden.dtype == torch.float32
+    block_m = max(16, min(64, next_pow2(N)))
+    if interp:
+        block_c, block_k = min(64, max(16, next_pow2(C))), 64
+    else:
+        # enough programs to stream the weight with every SM (7B: 64 rows, C = 1024 -> BLOCK_C 16)
+        block_k = 64 if is_fp32 else 128
+        block_c = 16
+        for bc in (64, 32):
+            if triton.cdiv(N, block_m) * triton.cdiv(C, bc) >= num_sms(hidden.device):
+                block_c = bc
+                break
+    grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_c))
+    torch.library.wrap_triton(_dream_projection_kernel)[grid](
+        hidden, rows, norm_weight, proj_weight, out,
+        N, H, C, eps,
+        hidden.stride(0), proj_weight.stride(0), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PREC="ieee" if is_fp32 else "tf32",
+        IS_INTERPRET=interp, num_warps=4, num_stages=3 if not interp else 1,
+    )
+
+
 def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):
     """Gather + final RMSNorm + bias-free Linear H -> C, one launch.
 
@@ -85,25 +114,5 @@ def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):
     assert out.shape == (N, C) and out.dtype == hidden.dtype, f"out must be [{N}, {C}] in hidden's dtype"
     if N == 0:
         return out
-    interp = is_interpret()
-    is_fp32 = hidden.dtype == torch.float32
-    block_m = max(16, min(64, next_pow2(N)))
-    if interp:
-        block_c, block_k = min(64, max(16, next_pow2(C))), 64
-    else:
-        # enough programs to stream the weight with every SM (7B: 64 rows, C = 1024 -> BLOCK_C 16)
-        block_k = 64 if is_fp32 else 128
-        block_c = 16
-        for bc in (64, 32):
-            if triton.cdiv(N, block_m) * triton.cdiv(C, bc) >= num_sms(hidden.device):
-                block_c = bc
-                break
-    grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_c))
-    _dream_projection_kernel[grid](
-        hidden, rows, norm_weight, proj_weight, out,
-        N, H, C, float(eps),
-        hidden.stride(0), proj_weight.stride(0), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PREC="ieee" if is_fp32 else "tf32",
-        IS_INTERPRET=interp, num_warps=4, num_stages=3 if not interp else 1,
-    )
+    launch(_dream_projection_launch, hidden, rows, norm_weight, proj_weight, float(eps), out)
     return out

@@ -3,14 +3,14 @@
 One program per row; the whole row lives in registers (H = 4096 for Vicuna-7B), so one read of x
 (and residual) and one write of each output: the op is bandwidth-bound and this is its floor.
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, next_pow2, warps_for_block
+from ._utils import is_interpret, launch, next_pow2, register_triton_op, warps_for_block
 
 
 @triton.jit
@@ -42,39 +42,45 @@ def _rmsnorm_kernel(
     tl.store(y_ptr + row * stride_y + cols, cast_rne(normed * w, y_ptr.dtype.element_ty, IS_INTERPRET), mask=mask)
 
 
+@register_triton_op("rmsnorm", mutates_args=("out", "residual_out"))
+def _rmsnorm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor],
+                    out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
+    H = x.shape[-1]
+    x2, y2 = x.view(-1, H), out.view(-1, H)
+    has_res = residual is not None and residual_out is not None
+    r2 = residual.view(-1, H) if has_res else x2  # unused when HAS_RESIDUAL=False
+    ro2 = residual_out.view(-1, H) if has_res else x2
+    BLOCK_N = next_pow2(H)
+    if x2.shape[0] > 0:
+        torch.library.wrap_triton(_rmsnorm_kernel)[(x2.shape[0],)](
+            x2, r2, ro2, weight, y2,
+            H, eps,
+            x2.stride(0), r2.stride(0), ro2.stride(0), y2.stride(0),
+            HAS_RESIDUAL=has_res, BLOCK_N=BLOCK_N, IS_INTERPRET=is_interpret(),
+            num_warps=warps_for_block(BLOCK_N),
+        )
+
+
 def rmsnorm(x, weight, eps, residual=None, out=None, residual_out=None):
     """RMSNorm over the last dim, fp32 statistics, output in x's dtype.
 
-    x: [..., H] (last dim contiguous); weight: [H]; residual, residual_out: like x or None;
-    out: like x or None. Without residual returns normed [..., H]. With residual computes
-    h = x + residual (into residual_out, or in place into residual) and returns (normed, h).
+    x: [..., H] (last dim contiguous, flattenable with view(-1, H)); weight: [H]; residual,
+    residual_out: like x or None; out: like x or None. Without residual returns normed [..., H].
+    With residual computes h = x + residual (into residual_out, or in place into residual) and
+    returns (normed, h).
     """
     H = x.shape[-1]
     assert weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}"
     assert x.stride(-1) == 1 and weight.stride(-1) == 1, "last dim of x and weight must be contiguous"
     assert x.device == weight.device, "x and weight must be on one device"
-    x2 = x.view(-1, H)
+    assert next_pow2(H) <= 65536, f"hidden size {H} too large for a one-pass row kernel"
     if out is None:
         out = torch.empty_like(x)
     assert out.shape == x.shape and out.dtype == x.dtype, "out must match x's shape and dtype"
-    y2 = out.view(-1, H)
-    has_res = residual is not None
-    if has_res:
+    if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x"
         if residual_out is None:
             residual_out = residual
         assert residual_out.shape == x.shape and residual_out.dtype == x.dtype, "residual_out must match x"
-        r2, ro2 = residual.view(-1, H), residual_out.view(-1, H)
-    else:
-        r2 = ro2 = x2  # unused (HAS_RESIDUAL=False)
-    M = x2.shape[0]
-    BLOCK_N = next_pow2(H)
-    assert BLOCK_N <= 65536, f"hidden size {H} too large for a one-pass row kernel"
-    if M > 0:
-        _rmsnorm_kernel[(M,)](
-            x2, r2, ro2, weight, y2,
-            H, float(eps),
-            x2.stride(0), r2.stride(0), ro2.stride(0), y2.stride(0),
-            HAS_RESIDUAL=has_res, BLOCK_N=BLOCK_N, IS_INTERPRET=is_interpret(), num_warps=warps_for_block(BLOCK_N),
-        )
-    return (out, residual_out) if has_res else out
+    launch(_rmsnorm_launch, x, weight, float(eps), residual, out, residual_out if residual is not None else None)
+    return (out, residual_out) if residual is not None else out

@@ -1,12 +1,10 @@
 """SwiGLU activation: out = silu(gate) * up from the fused [gate | up] projection output."""
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, next_pow2
+from ._utils import is_interpret, launch, next_pow2, register_triton_op
 
 
 @triton.jit
@@ -29,19 +27,25 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * stride_out + cols, cast_rne(y, out_ptr.dtype.element_ty, IS_INTERPRET), mask=mask)
 
 
+@register_triton_op("silu_and_mul", mutates_args=("out",))
+def _silu_and_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    F = out.shape[-1]
+    x2, o2 = gate_up.view(-1, 2 * F), out.view(-1, F)
+    BLOCK_F = min(1024, next_pow2(F))
+    if x2.shape[0] > 0:
+        torch.library.wrap_triton(_silu_and_mul_kernel)[(x2.shape[0], triton.cdiv(F, BLOCK_F))](
+            x2, o2, F, x2.stride(0), o2.stride(0), BLOCK_F=BLOCK_F, IS_INTERPRET=is_interpret(), num_warps=4,
+        )
+
+
 def silu_and_mul(gate_up, out=None):
     """gate_up: [T, 2F] (gate = first F columns, up = last F; last dim contiguous) -> out: [T, F]."""
     assert gate_up.shape[-1] % 2 == 0, f"last dim must be 2F, got {gate_up.shape[-1]}"
     assert gate_up.stride(-1) == 1, "last dim of gate_up must be contiguous"
     F = gate_up.shape[-1] // 2
-    x2 = gate_up.view(-1, 2 * F)
     if out is None:
         out = torch.empty(*gate_up.shape[:-1], F, dtype=gate_up.dtype, device=gate_up.device)
     assert out.shape == (*gate_up.shape[:-1], F) and out.stride(-1) == 1, "out must be [T, F], last dim contiguous"
-    o2 = out.view(-1, F)
-    BLOCK_F = min(1024, next_pow2(F))
-    grid = (x2.shape[0], triton.cdiv(F, BLOCK_F))
-    if x2.shape[0] > 0:
-        _silu_and_mul_kernel[grid](x2, o2, F, x2.stride(0), o2.stride(0), BLOCK_F=BLOCK_F, IS_INTERPRET=is_interpret(),
-                                   num_warps=4 if BLOCK_F <= 1024 else 8)
+    assert out.dtype == gate_up.dtype, "out must have gate_up's dtype"
+    launch(_silu_and_mul_launch, gate_up, out)
     return out

@@ -36,3 +36,42 @@ def test_backend_switch(monkeypatch):
         assert not K._use_triton(x)
     finally:
         K.set_backend(None)
+
+
+def test_attention_dispatch_forced_triton_matches_ref(monkeypatch):
+    from kernel_helpers import cast_case, make_attention_case
+
+    case = make_attention_case([3, 5], [4, 0], 2, 2, 64, torch.float32, 16, device="cpu")
+    monkeypatch.setenv("DREAMLLM_KERNELS", "triton")
+    got = K.append_attention(**cast_case(case, torch.float32))
+    monkeypatch.setenv("DREAMLLM_KERNELS", "ref")
+    want = K.append_attention(**cast_case(case, torch.float32))
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_registered_custom_ops_run_eagerly():
+    """Launchers are registered as torch.library triton_ops (dreamllm::<op>) with mutated buffers."""
+    import dreamllm_fast.kernels.append_attention  # noqa: F401  (registers the ops)
+    import dreamllm_fast.kernels.decode_attention  # noqa: F401
+    import dreamllm_fast.kernels.dream_projection  # noqa: F401
+    import dreamllm_fast.kernels.rmsnorm  # noqa: F401
+    import dreamllm_fast.kernels.swiglu  # noqa: F401
+
+    for name in ("append_attention", "decode_attention", "dream_projection", "rmsnorm", "silu_and_mul"):
+        assert hasattr(torch.ops.dreamllm, name), name
+    x, w = torch.randn(4, 64), torch.randn(64)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.dreamllm.rmsnorm(x, w, 1e-6, None, out, None)
+    assert (out - R.rmsnorm_ref(x, w, 1e-6)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA; none found")
+def test_decode_attention_torch_compile_fullgraph():
+    from kernel_helpers import cast_case, make_attention_case
+
+    c = cast_case(make_attention_case([1, 1], [10, 300], 32, 32, 128, torch.float32, 512), torch.bfloat16)
+    args = (c["q"], c["k"], c["v"], c["k_cache"], c["v_cache"], c["cache_lens"], c["slot_ids"], c["cos"], c["sin"])
+    eager = K.decode_attention(*args)
+    compiled = torch.compile(lambda *a: K.decode_attention(*a) * 1.0, fullgraph=True)
+    got = compiled(*args)
+    torch.testing.assert_close(got, eager, atol=0, rtol=0)
