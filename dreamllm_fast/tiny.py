@@ -113,6 +113,37 @@ def _released_config(cfg: DreamLLMConfig, base_vocab: int) -> dict:
     }
 
 
+# Greedy walk of the tiny model. Its prompt ends with ':' ("ASSISTANT:"), byte token 3 + 0x3A.
+_COLON, _FIRST_RUN, _SECOND_RUN = 3 + 0x3A, 70, 40
+
+
+def _shape_greedy_walk(state: dict, g: torch.Generator) -> None:
+    """Give the random LLM a readable, testable greedy behaviour.
+
+    Token embeddings get unit scale (the layers' random updates stay smaller), and the rows of
+    lm_head are set so the last token's embedding points at a chosen successor: after ':' the model
+    writes 70 distinct tokens, then `<dream_start>`; after `<im_end>` (an image fed back) 40
+    more, then `</s>`. Attention and MLP still shift every logit, so the walk exercises the whole
+    network: a wrong position, mask or cache changes the logits and, soon, the tokens.
+    """
+    emb = torch.randn(state["model.embed_tokens.weight"].shape, generator=g)
+    state["model.embed_tokens.weight"] = emb
+    V, H = emb.shape
+    base = TINY_BASE_VOCAB
+    # Multi-character pieces first (ids past the 3 specials and 256 bytes), then printable bytes.
+    printable = [3 + b for b in range(0x61, 0x7B)] + [3 + b for b in range(0x41, 0x5B)]
+    pool = [i for i in range(3 + 256, base)] + printable
+    pool = [i for i in pool if i != _COLON]
+    first, second = pool[:_FIRST_RUN], pool[_FIRST_RUN:_FIRST_RUN + _SECOND_RUN]
+    dream_start, im_end = base + ADDED_TOKENS.index("<dream_start>"), base + ADDED_TOKENS.index("<im_end>")
+    chain = [(_COLON, first[0])] + list(zip(first, first[1:])) + [(first[-1], dream_start)]
+    chain += [(im_end, second[0])] + list(zip(second, second[1:])) + [(second[-1], 2)]
+    head = 0.02 * torch.randn(V, H, generator=g)
+    for prev, nxt in chain:
+        head[nxt] += 4.0 * emb[prev] / emb[prev].norm()
+    state["lm_head.weight"] = head
+
+
 def make_tiny(out_dir: "str | Path", seed: int = 0, init_std: float = 0.05) -> Path:
     """Write a random tiny checkpoint (preset ``tiny``) to `out_dir`; returns the directory.
 
@@ -140,7 +171,9 @@ def make_tiny(out_dir: "str | Path", seed: int = 0, init_std: float = 0.05) -> P
 
     llm = LlamaForCausalLM(cfg.llm.to_hf())
     randomize(llm, init_std)
-    state = bf16(llm.state_dict())
+    state = llm.state_dict()
+    _shape_greedy_walk(state, g)
+    state = bf16(state)
     d = cfg.llm.head_dim
     inv_freq = 1.0 / (cfg.llm.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     for i in range(cfg.llm.num_hidden_layers):  # persistent buffer in the original class
@@ -156,7 +189,7 @@ def make_tiny(out_dir: "str | Path", seed: int = 0, init_std: float = 0.05) -> P
     vstate["projector.projector.bias"] = 0.05 * torch.randn(cfg.llm.hidden_size, generator=g)
     torch.save(bf16(vstate), out / VISION_FILE)
 
-    dq = 0.05 * torch.randn(1, cfg.num_dream_queries, cfg.llm.hidden_size, generator=g)
+    dq = torch.randn(1, cfg.num_dream_queries, cfg.llm.hidden_size, generator=g)
     torch.save(bf16({"dream_queries": dq}), out / DREAM_FILE)
 
     unet = UNet2DConditionModel.from_config(cfg.diffusion.unet)

@@ -1,0 +1,258 @@
+"""`dreamllm-fast` command line: demo, chat, t2i, generate, make-tiny, convert, export.
+
+Errors the user can fix (a bad checkpoint, image, prompt or setting) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import DreamLLMError
+
+DEFAULT_CACHE = Path(os.environ.get("DREAMLLM_FAST_CACHE", Path.home() / ".cache" / "dreamllm-fast"))
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", "-c", required=required,
+                   help="checkpoint directory in the official release layout")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backend", default=None, choices=("reference", "engine"),
+                   help="model backend (default: reference)")
+    p.add_argument("--unet-backend", default="eager",
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--vae-backend", default="eager",
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+
+
+def _add_image_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="DDPM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
+
+
+def _pipeline(args):
+    from .pipeline import DreamLLMPipeline
+
+    return DreamLLMPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                            backend=args.backend, unet_backend=args.unet_backend,
+                                            vae_backend=args.vae_backend)
+
+
+def _generator(args, pipe):
+    import torch
+
+    return torch.Generator(device=pipe.model.device).manual_seed(args.seed)
+
+
+def _content(text: str, images) -> list:
+    return [Path(p) for p in images or []] + ([text] if text else [])
+
+
+def _print_timings(timings: dict) -> None:
+    print("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    out = make_tiny(args.dir, seed=args.seed)
+    print(f"wrote a tiny random DreamLLM checkpoint to {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import convert_checkpoint
+
+    written = convert_checkpoint(args.src, args.dst)
+    print(f"wrote {len(written)} files to {args.dst} (weights as safetensors)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    pipe = _pipeline(args)
+    msgs = [{"role": "user", "content": _content(args.prompt, args.image)}]
+    for piece in pipe.chat(msgs, max_new_tokens=args.max_new_tokens, stream=True,
+                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                           top_p=args.top_p, generator=_generator(args, pipe)):
+        print(piece, end="", flush=True)
+    print()
+    _print_timings(pipe.last_timings)
+    return 0
+
+
+def cmd_t2i(args) -> int:
+    pipe = _pipeline(args)
+    images = pipe.text_to_image(_content(args.prompt, args.image), num_inference_steps=args.steps,
+                                guidance_scale=args.guidance, negative_prompt=args.negative,
+                                generator=_generator(args, pipe))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out)
+    print(f"wrote {out}")
+    _print_timings(pipe.last_timings)
+    return 0
+
+
+def _write_document(doc: list, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for item in doc:
+        if isinstance(item, str):
+            print(item)
+        else:
+            p = out_dir / f"{stem}_{len(paths)}.png"
+            item.save(p)
+            paths.append(p)
+            print(f"[image: {p}]")
+    return paths
+
+
+def cmd_generate(args) -> int:
+    pipe = _pipeline(args)
+    doc = pipe.generate([{"role": "user", "content": _content(args.prompt, args.image)}],
+                        max_new_tokens=args.max_new_tokens, max_images=args.max_images,
+                        num_inference_steps=args.steps, guidance_scale=args.guidance,
+                        negative_prompt=args.negative, generator=_generator(args, pipe))
+    _write_document(doc, Path(args.out_dir), "generated")
+    _print_timings(pipe.last_timings)
+    return 0
+
+
+def _demo_image():
+    """An embedded default input: a small synthetic scene (sky, sun, grass), made in code."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (320, 240), (120, 170, 235))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 160, 320, 240], fill=(60, 150, 60))
+    d.ellipse([230, 30, 290, 90], fill=(250, 220, 60))
+    d.rectangle([60, 110, 140, 170], fill=(170, 60, 50))
+    d.polygon([(50, 110), (100, 70), (150, 110)], fill=(110, 40, 30))
+    return im
+
+
+def cmd_demo(args) -> int:
+    if args.checkpoint is None:
+        args.checkpoint = str(DEFAULT_CACHE / "tiny")
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            from .tiny import make_tiny
+
+            print(f"no --checkpoint: writing a tiny random checkpoint to {args.checkpoint}")
+            make_tiny(args.checkpoint)
+        print("note: the tiny checkpoint has random weights; its text and images are noise. "
+              "Pass --checkpoint with a released DreamLLM model for real output.")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pipe = _pipeline(args)
+    print(f"loaded {args.checkpoint} ({pipe.model.name} backend, {pipe.model.device}, "
+          f"{str(pipe.model.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
+    image = _demo_image()
+    image.save(out / "demo_input.png")
+
+    print("\n== chat on an image ==")
+    answer = pipe.chat([{"role": "user", "content": [image, "What is in this picture?"]}],
+                       max_new_tokens=args.max_new_tokens)
+    print(repr(answer))
+    _print_timings(pipe.last_timings)
+
+    print("\n== text-to-image ==")
+    prompt = "a red house under a yellow sun"
+    img = pipe.text_to_image(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                             generator=_generator(args, pipe))[0]
+    img.save(out / "demo_t2i.png")
+    print(f"{prompt!r} -> {out / 'demo_t2i.png'} ({img.size[0]}x{img.size[1]})")
+    _print_timings(pipe.last_timings)
+
+    print("\n== interleaved answer ==")
+    doc = pipe.generate([{"role": "user", "content": "Write a short illustrated story about a cat."}],
+                        max_new_tokens=args.max_new_tokens, max_images=2,
+                        num_inference_steps=args.steps, guidance_scale=args.guidance,
+                        generator=_generator(args, pipe))
+    paths = _write_document(doc, out, "demo_interleaved")
+    print(f"({sum(isinstance(x, str) for x in doc)} text part(s), {len(paths)} image(s))")
+    _print_timings(pipe.last_timings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dreamllm-fast",
+        description="Fast, faithful inference for DreamLLM: chat with images, text-to-image, "
+                    "interleaved documents.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run chat, text-to-image and an interleaved answer "
+                                    "(a tiny random checkpoint when none is given)")
+    _add_model_args(p, required=False)
+    _add_image_args(p, steps=20)
+    p.add_argument("--out-dir", default="dreamllm_demo", help="where the PNGs go")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("chat", help="answer a question about images")
+    _add_model_args(p)
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--image", action="append", help="input image file (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("t2i", help="text (and images) to image")
+    _add_model_args(p)
+    _add_image_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--image", action="append", help="image placed before the text (in-context)")
+    p.add_argument("--out", default="dreamllm.png")
+    p.set_defaults(fn=cmd_t2i)
+
+    p = sub.add_parser("generate", help="an interleaved text-and-image answer")
+    _add_model_args(p)
+    _add_image_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--image", action="append")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--out-dir", default="dreamllm_generate")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the release layout")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("convert", help="copy a checkpoint with its weights as safetensors")
+    p.add_argument("src")
+    p.add_argument("dst", help="output directory (may equal src: safetensors are written beside)")
+    p.set_defaults(fn=cmd_convert)
+
+    try:
+        from .export.cli import add_export_arguments, run_export
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("export", help="export the U-Net / VAE / vision tower (ONNX, TensorRT, AOTI)")
+        add_export_arguments(p)
+        p.set_defaults(fn=run_export)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except DreamLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
