@@ -1,7 +1,6 @@
 """Small launcher helpers shared by the kernel files (no Triton import here)."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,16 +26,17 @@ def warps_for_block(block: int) -> int:
     return 4
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_SM_COUNT: dict = {}  # plain dict, not lru_cache: torch.compile traces dict lookups without a break
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on device (132 on H100 SXM); 4 for CPU/interpreter runs."""
     if device.type != "cuda":
         return 4
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def register_triton_op(name: str, mutates_args: tuple):
