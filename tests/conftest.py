@@ -54,3 +54,20 @@ def _seed_and_clear():
     yield
     if HAS_CUDA:
         torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random checkpoint in the official release layout (written once per run)."""
+    from dreamllm_fast.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def ref_pipe(tiny_ckpt):
+    """The reference pipeline on the tiny checkpoint, fp32 on the CPU."""
+    from dreamllm_fast.pipeline import DreamLLMPipeline
+
+    return DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32",
+                                            backend="reference", progress=False)

@@ -1,0 +1,62 @@
+"""The command line: each subcommand's happy path, and one-line errors with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from dreamllm_fast.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dreamllm_fast.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_help_of_every_subcommand():
+    for cmd in ("demo", "chat", "t2i", "generate", "make-tiny", "convert", "export"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_demo_writes_pngs_and_text(tmp_path, monkeypatch, capsys):
+    import dreamllm_fast.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_CACHE", tmp_path / "cache")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--steps", "2", "--max-new-tokens", "120"]) == 0
+    text = capsys.readouterr().out
+    for section in ("chat on an image", "text-to-image", "interleaved answer", "timings:"):
+        assert section in text
+    assert "(2 text part(s), 1 image(s))" in text  # the tiny model's walk draws one image
+    for name in ("demo_t2i.png", "demo_interleaved_0.png", "demo_input.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 0
+
+
+def test_t2i_chat_generate_make_tiny_convert(tmp_path, tiny_ckpt, capsys):
+    png = tmp_path / "x.png"
+    assert main(["t2i", "-c", str(tiny_ckpt), "a cat", "--steps", "2", "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (64, 64)
+    assert main(["chat", "-c", str(tiny_ckpt), "what is it?", "--image", str(png),
+                 "--max-new-tokens", "5"]) == 0
+    assert main(["generate", "-c", str(tiny_ckpt), "story", "--steps", "1",
+                 "--out-dir", str(tmp_path / "g"), "--max-new-tokens", "120"]) == 0
+    assert (tmp_path / "g" / "generated_0.png").is_file()
+    assert main(["make-tiny", str(tmp_path / "t2")]) == 0
+    assert main(["convert", str(tmp_path / "t2"), str(tmp_path / "t3")]) == 0
+    assert (tmp_path / "t3" / "model.safetensors").is_file()
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, tiny_ckpt):
+    r = run("chat", "-c", str(tmp_path / "missing"), "hi")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "not a directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no image here")
+    r = run("chat", "-c", str(tiny_ckpt), "hi", "--image", str(bad))
+    assert r.returncode == 2 and "cannot be decoded" in r.stderr and "Traceback" not in r.stderr
+    r = run("t2i", "-c", str(tiny_ckpt), "a cat", "--steps", "0")
+    assert r.returncode == 2 and "num_inference_steps" in r.stderr
