@@ -157,8 +157,9 @@ def _append_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # keys every row of the block sees: [0, cache_len + first row]; last key any row sees: kv_end - 1
-    kv_end = cache_len + tl.minimum((pid_m + 1) * BLOCK_M, q_len)
-    full_end = ((cache_len + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # loop bounds as int32 (positions < max_seq); pointer math below widens to int64
+    kv_end = (cache_len + tl.minimum((pid_m + 1) * BLOCK_M, q_len)).to(tl.int32)
+    full_end = (((cache_len + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N).to(tl.int32)
     acc, m_i, l_i = _attn_inner(acc, m_i, l_i, q1r, q2r, kc_ptr, vc_ptr, stride_kcp, stride_vcp, qk_scale,
                                 pos_m, 0, full_end, kv_end, HALF, HEAD_DIM, BLOCK_N, False, DOT_PREC,
                                 IS_INTERPRET)

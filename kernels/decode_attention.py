@@ -68,17 +68,17 @@ def _decode_attention_kernel(
     # cached prefix [start, min(start + SPLIT_LEN, pos)), read from the cache
     kc_ptr = k_cache_ptr + slot * stride_kcs + h_kv * stride_kch
     vc_ptr = v_cache_ptr + slot * stride_vcs + h_kv * stride_vch
-    end = tl.minimum(start + SPLIT_LEN, pos)
+    end = tl.minimum(start + SPLIT_LEN, pos).to(tl.int32)  # int32 loop bounds; pointers widen below
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start.to(tl.int32), end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         ok = offs_n < end
-        kp = kc_ptr + offs_n[:, None] * stride_kcp + d[None, :]
+        kp = kc_ptr + offs_n[:, None].to(tl.int64) * stride_kcp + d[None, :]
         k1 = tl.load(kp, mask=ok[:, None], other=0.0).to(tl.float32)
         k2 = tl.load(kp + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vc_ptr + offs_n[:, None] * stride_vcp + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vc_ptr + offs_n[:, None].to(tl.int64) * stride_vcp + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         sc = tl.sum(k1 * q1r[None, :], 1) + tl.sum(k2 * q2r[None, :], 1)  # [BLOCK_N], log2 domain
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 0))
