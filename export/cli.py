@@ -34,7 +34,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="image pixels of the export sample / profile opt "
                              "(default: the model's, 512 for SD-2.1-base)")
     parser.add_argument("--preset", default=None,
-                        help="config preset (default: dreamllm-7b with --checkpoint, else tiny)")
+                        help="config preset (default: the checkpoint's config, else tiny)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--max-images", type=int, default=2,
                         help="TensorRT profile: most images per call (U-Net batch = 2 x this)")
@@ -94,7 +94,11 @@ def run_export(args) -> int:
         return 2
     from dreamllm_fast.config import DreamLLMConfig
 
-    cfg = DreamLLMConfig.from_name(args.preset or ("dreamllm-7b" if args.checkpoint else "tiny"))
+    try:
+        cfg = _config(args, DreamLLMConfig)
+    except Exception as e:  # noqa: BLE001 - bad preset / unreadable checkpoint config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     resolution = args.resolution or cfg.diffusion.default_resolution
     spec = get_spec(args.component, cfg)
     out = Path(args.out)
@@ -112,6 +116,16 @@ def run_export(args) -> int:
         return 1
     print(path)
     return 0
+
+
+def _config(args, config_cls):
+    if args.preset or not args.checkpoint:
+        return config_cls.from_name(args.preset or "tiny")
+    try:
+        from dreamllm_fast.checkpoint import load_config
+    except ImportError:
+        return config_cls.from_name("dreamllm-7b")
+    return load_config(args.checkpoint)  # the checkpoint's own shapes (tiny or 7B)
 
 
 def _export(args, module, spec, cfg, out: Path, resolution: int) -> Path:
