@@ -1,0 +1,310 @@
+"""`EngineModel`: the fast backend behind the pipeline's interface (same as `ReferenceModel`).
+
+- LLM: `LlamaRunner` over the kernels (fused weights, static KV cache, logits only at the sampled
+  row, fused dream projection); sessions are slots of the static cache, handed out from a free list.
+- Single-token `extend` runs the decode step: a replayed CUDA graph on CUDA (`CudaGraphRunner`),
+  the same function eagerly on the CPU (reference ops, no graphs).
+- Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
+  last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
+- Diffusion: diffusers' U-Net and VAE, eager (the export backends replace them in the pipeline).
+
+Errors: a request that would overflow the context raises ContextOverflowError before any work;
+any exception inside a session call releases the session's slot, so the engine stays usable.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as K
+from ..checkpoint import Checkpoint
+from ..config import EngineConfig, Precision, SpecialTokens
+from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
+from .cuda_graph import CudaGraphRunner
+from .llm import KVCache, LlamaRunner, LlamaWeights
+
+
+def _no_meta_left(module: nn.Module, what: str) -> None:
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"{what}: tensor {name} was not loaded (still on the meta device)")
+
+
+def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
+    """CLIPVisionModel truncated so that its last_hidden_state IS hidden_states[select_layer].
+
+    hidden_states has num_layers + 1 entries (embeddings first), so index `s` (negative) is the
+    output of the first num_layers + 1 + s layers. post_layernorm only touches the pooled CLS
+    output, which is dropped: replaced by Identity so it never runs.
+    """
+    from transformers import CLIPVisionModel
+
+    cfg = ckpt.config.vision
+    clip = CLIPVisionModel(cfg.to_hf())
+    clip.load_state_dict(ckpt.clip, strict=False)
+    missing = set(clip.state_dict()) - set(ckpt.clip)
+    if any(not k.endswith("position_ids") for k in missing):
+        raise RuntimeError(f"CLIP weights missing: {sorted(missing)[:3]}")
+    vm = getattr(clip, "vision_model", clip)  # transformers 4.x nests it; 5.x flattens it
+    n = len(vm.encoder.layers)
+    s = cfg.select_layer
+    keep = n + 1 + s if s < 0 else s
+    if not 0 <= keep <= n:
+        raise ValueError(f"select_layer {s} out of range for a {n}-layer CLIP tower")
+    vm.encoder.layers = vm.encoder.layers[:keep]
+    vm.post_layernorm = nn.Identity()
+    return clip.to(device=device, dtype=dtype).eval()
+
+
+class EngineModel:
+    """All modules on one device and dtype; implements the pipeline's backend interface."""
+
+    name = "engine"
+
+    def __init__(self, ckpt: Checkpoint, special: SpecialTokens, device="cpu", dtype=torch.float32,
+                 engine_config: Optional[EngineConfig] = None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.config = cfg = ckpt.config
+        self.special = special
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = Precision.parse(dtype).dtype
+        ec = engine_config or EngineConfig(precision=Precision.parse(dtype))
+        self.engine_config = ec
+        to = dict(device=self.device, dtype=self.dtype)
+
+        # -- LLM: fused weights, static cache, runner ----------------------------------------
+        lc = cfg.llm
+        self.max_len = min(lc.max_position_embeddings, ec.max_seq or lc.max_position_embeddings)
+        self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype)
+        self.cache = KVCache(lc, ec.max_batch, self.max_len, self.device, self.dtype)
+        self.llm = LlamaRunner(lc, self.weights, self.cache, self.device)
+        self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
+
+        # -- vision tower + projector ---------------------------------------------------------
+        self.clip = build_clip_tower(ckpt, self.device, self.dtype)
+        self.clip_proj_weight = ckpt.clip_proj_weight.to(**to).contiguous()  # [H, Hc]
+        self.clip_proj_bias = ckpt.clip_proj_bias.to(**to).contiguous()  # [H]
+
+        # -- dream queries + condition projector ---------------------------------------------
+        self.dream_queries = ckpt.dream_queries.to(**to).contiguous()  # [Q, H]
+        self.cond_proj_weight = ckpt.cond_proj_weight.to(**to).contiguous()  # [C, H], no bias
+
+        # -- diffusion head (diffusers modules) -----------------------------------------------
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(cfg.diffusion.unet)
+            vae = AutoencoderKL.from_config(cfg.diffusion.vae)
+        unet.load_state_dict(ckpt.unet, strict=True, assign=True)
+        vae.load_state_dict(ckpt.vae, strict=True, assign=True)
+        _no_meta_left(unet, "U-Net")
+        _no_meta_left(vae, "VAE")
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # silence the generic "cast with to()" notice: intended here
+        try:
+            self.unet = unet.to(**to).eval()
+            self.vae = vae.to(**to).eval()
+        finally:
+            dlog.set_verbosity(level)
+
+        # -- CUDA graphs of the decode step (CUDA only; the CPU runs the same step eagerly) ---
+        self.graphs: Optional[CudaGraphRunner] = None
+        self.warmup_seconds = 0.0
+        if self.device.type == "cuda" and ec.use_cuda_graphs:
+            sizes = [s for s in ec.cuda_graph_batch_sizes if 1 <= s <= ec.max_batch]
+            if sizes:
+                self.warmup(sizes)
+
+    # -- warm-up and capture ------------------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, capture_sizes: Sequence[int]) -> None:
+        """Compile/autotune the prefill kernels on the scratch slot, then capture decode graphs."""
+        t0 = time.perf_counter()
+        c = self.cache
+        for n in (1, 7, 64):  # a few chunk sizes: Triton compiles per constexpr block config
+            n = min(n, c.max_seq)
+            emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
+            meta = self._meta([n], [0], [c.scratch_slot])
+            h, m = self.llm.prefill(emb, *meta, n)
+            self.llm.logits(h, m, meta[0][1:].long() - 1)
+        torch.cuda.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - t0
+        self.graphs = CudaGraphRunner(self.llm.decode_step, self.weights.embed.shape[1], capture_sizes,
+                                      c.scratch_slot, self.device, self.dtype)
+        self.graphs.capture()
+
+    # -- embeddings ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_tokens(self, ids) -> torch.Tensor:
+        """ids: [n] (list or tensor) -> [n, H]."""
+        if not isinstance(ids, torch.Tensor):
+            ids = list(ids)
+            V = self.weights.embed.shape[0]
+            if any(not 0 <= int(i) < V for i in ids):  # a bad id on CUDA is a device assert
+                raise InvalidInputError(f"token ids must be in [0, {V}), got {ids}")
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return F.embedding(ids, self.weights.embed)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: [N, 3, S, S] -> projected features [N, P, H] (penultimate layer, no CLS)."""
+        out = self.clip(pixel_values.to(self.device, self.dtype))
+        feats = out.last_hidden_state[:, 1:]  # [N, P, Hc]
+        return F.linear(feats, self.clip_proj_weight, self.clip_proj_bias)
+
+    # -- sessions -----------------------------------------------------------------------------
+    def new_session(self) -> "EngineSession":
+        if not self._free:
+            raise EngineBusyError(
+                f"all {self.engine_config.max_batch} KV-cache slots are held by open sessions; "
+                "close() a session first, or raise EngineConfig.max_batch")
+        return EngineSession(self, self._free.pop())
+
+    def _release(self, slot: int) -> None:
+        if slot not in self._free:
+            self._free.append(slot)
+
+    def _meta(self, lens_q: Sequence[int], cache_lens: Sequence[int], slots: Sequence[int]):
+        """Packed-prefill metadata as int32 device tensors: (cu_seqlens [B+1], cache_lens, slots)."""
+        cu = [0]
+        for n in lens_q:
+            cu.append(cu[-1] + n)
+        host = torch.tensor(cu + list(cache_lens) + list(slots), dtype=torch.int32)
+        dev = host.to(self.device, non_blocking=False)
+        B = len(lens_q)
+        return dev[:B + 1], dev[B + 1:2 * B + 1], dev[2 * B + 1:]
+
+    def _prefill(self, sessions: Sequence["EngineSession"], embeds: Sequence[torch.Tensor]):
+        """Packed prefill of several sessions in one pass; returns (h, m, cu_seqlens)."""
+        lens = [e.shape[0] for e in embeds]
+        x = torch.cat([e.to(self.device, self.dtype) for e in embeds]) if len(embeds) > 1 else \
+            embeds[0].to(self.device, self.dtype)
+        cu, cl, sl = self._meta(lens, [s.length for s in sessions], [s.slot for s in sessions])
+        h, m = self.llm.prefill(x, cu, cl, sl, max(lens))
+        return h, m, cu
+
+    def _decode(self, sessions: Sequence["EngineSession"], embeds: torch.Tensor) -> torch.Tensor:
+        """One token per session: embeds [B, H] -> fp32 logits [B, V] (a copy, safe to keep)."""
+        B = embeds.shape[0]
+        lens = [s.length for s in sessions]
+        slots = [s.slot for s in sessions]
+        if self.graphs is not None and self.graphs.can_run(B):
+            padded = self.graphs.prepare(embeds.to(self.device, self.dtype), lens, slots)
+            return self.graphs.replay(B, padded).clone()  # outputs leave the graph as copies
+        _, cl, sl = self._meta([1] * B, lens, slots)
+        return self.llm.decode_step(embeds.to(self.device, self.dtype), cl, sl)
+
+    @contextlib.contextmanager
+    def _guard(self, sessions: Sequence["EngineSession"], ns: Sequence[int], rows=None):
+        """Checks before any work; on any exception (checks included) releases every session's slot."""
+        try:
+            for i, (s, n) in enumerate(zip(sessions, ns)):
+                s._check(n)
+                if rows is not None:
+                    _check_rows(rows[i], n)
+            with torch.no_grad():
+                yield
+        except BaseException:
+            for s in sessions:
+                s.close()
+            raise
+        for s, n in zip(sessions, ns):
+            s.length += n
+
+    def extend_batch(self, sessions: Sequence["EngineSession"], embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Extend several sessions in one pass (one kernel launch per op for all of them).
+
+        embeds[b]: [n_b, H]. Returns fp32 logits [B, V] at each session's last new position.
+        All-single-token batches take the (captured) decode step.
+        """
+        if len(sessions) != len(embeds) or len({s.slot for s in sessions}) != len(sessions):
+            raise InvalidInputError("extend_batch needs one embedding block per distinct session")
+        ns = [int(e.shape[0]) for e in embeds]
+        with self._guard(sessions, ns):
+            if all(n == 1 for n in ns):
+                return self._decode(sessions, torch.cat(list(embeds)))
+            h, m, cu = self._prefill(sessions, embeds)
+            return self.llm.logits(h, m, cu[1:].long() - 1)
+
+    def condition_pair(self, sessions: Sequence["EngineSession"], embeds: Sequence[torch.Tensor],
+                       rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """`extend_dream` for several sessions in one pass, e.g. [uncond; cond] for guidance.
+
+        Returns one projected condition [len(rows[b]), C] per session.
+        """
+        if len(sessions) != len(embeds) or len(rows) != len(embeds) \
+                or len({s.slot for s in sessions}) != len(sessions):
+            raise InvalidInputError("condition_pair needs one embedding block and row list per distinct session")
+        ns = [int(e.shape[0]) for e in embeds]
+        with self._guard(sessions, ns, rows):
+            h, m, cu = self._prefill(sessions, embeds)
+            h.add_(m)  # hidden before the final norm (HF: residual + mlp_out)
+            offs = [0]
+            for n in ns[:-1]:
+                offs.append(offs[-1] + n)
+            flat = [o + int(r) for o, rr in zip(offs, rows) for r in rr]
+            idx = torch.tensor(flat, dtype=torch.long).to(self.device)
+            cond = K.dream_projection(h, idx, self.weights.norm, self.cond_proj_weight,
+                                      self.config.llm.rms_norm_eps)
+            return list(cond.split([len(r) for r in rows]))
+
+    # -- diffusion ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def unet_eps(self, sample, t, cond) -> torch.Tensor:
+        return self.unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    @torch.no_grad()
+    def vae_decode(self, latents) -> torch.Tensor:
+        """latents already divided by the scaling factor -> image in [-1, 1]."""
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def _check_rows(rows: Sequence[int], n: int) -> None:
+    if len(rows) == 0 or any(not 0 <= int(r) < n for r in rows):
+        raise InvalidInputError(f"dream rows must be non-empty indices into the {n} new positions, got {list(rows)}")
+
+
+class EngineSession:
+    """One sequence: a slot of the static KV cache; positions continue across calls."""
+
+    def __init__(self, model: EngineModel, slot: int):
+        self.m = model
+        self.slot = slot
+        self.length = 0
+        self._closed = False
+        # a session dropped without close() still gives its slot back
+        self._finalizer = weakref.finalize(self, model._release, slot)
+
+    def _check(self, n: int) -> None:
+        if self._closed:
+            raise InvalidInputError("this session is closed; open a new one with new_session()")
+        if n < 1:
+            raise InvalidInputError("extend needs at least one embedding row")
+        if self.length + n > self.m.max_len:
+            raise ContextOverflowError(
+                f"the sequence would reach {self.length + n} positions (holds {self.length}, adds "
+                f"{n}); the model's context is {self.m.max_len}: shorten the prompt, request fewer "
+                "tokens or images")
+
+    def extend(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append [n, H] embeddings; returns the fp32 logits of the last position, [V]."""
+        return self.m.extend_batch([self], [embeds])[0]
+
+    def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
+        """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""
+        return self.m.condition_pair([self], [embeds], [list(rows)])[0]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.length = 0
+            self._finalizer()  # releases the slot (once)
