@@ -1,4 +1,4 @@
-"""`dreamllm-fast` command line: demo, chat, t2i, generate, make-tiny, convert, export.
+"""`dreamllm-fast` command line: demo, chat, t2i, generate, make-tiny, convert, export, bench.
 
 Errors the user can fix (a bad checkpoint, image, prompt or setting) print one line and exit 2.
 """
@@ -21,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default=None, choices=("reference", "engine"),
-                   help="model backend (default: reference)")
+                   help="model backend (default: engine on CUDA, reference on CPU)")
     p.add_argument("--unet-backend", default="eager",
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
     p.add_argument("--vae-backend", default="eager",
@@ -231,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="output directory (may equal src: safetensors are written beside)")
     p.set_defaults(fn=cmd_convert)
+
+    from .bench.report import add_bench_arguments, run_bench
+
+    p = sub.add_parser("bench", help="measure every stage beside its baselines and the hardware "
+                                     "limit (random 7B-shape weights unless --checkpoint)")
+    add_bench_arguments(p)
+    p.set_defaults(fn=run_bench)
 
     try:
         from .export.cli import add_export_arguments, run_export

@@ -60,16 +60,17 @@ class DreamLLMPipeline:
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, backend: Optional[str] = None,
                         unet_backend: str = "eager", vae_backend: str = "eager",
-                        progress: bool = True) -> "DreamLLMPipeline":
+                        progress: bool = True, engine_config=None) -> "DreamLLMPipeline":
         """Load a checkpoint directory in the official release layout, offline.
 
         device: default "cuda" when available, else "cpu". dtype: default bf16 on CUDA and fp32 on
-        the CPU. backend: "reference" (transformers + diffusers) or "engine" (the fast engine;
-        the default on CUDA once available).
+        the CPU. backend: "engine" (the fast engine; the default on CUDA) or "reference"
+        (transformers + diffusers; the default on the CPU, where the engine runs the same torch
+        reference ops). engine_config: an `EngineConfig` for the engine's runtime knobs.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32")).dtype
-        backend = backend or "reference"
+        backend = backend or ("engine" if device.type == "cuda" else "reference")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         ckpt = load_checkpoint(path)
@@ -86,7 +87,7 @@ class DreamLLMPipeline:
                 raise InvalidInputError(
                     f"the fast engine is not available in this build ({e}); use backend='reference'"
                 ) from None
-            model = EngineModel(ckpt, special, device=device, dtype=dtype)
+            model = EngineModel(ckpt, special, device=device, dtype=dtype, engine_config=engine_config)
         pipe = cls(model, tok, progress=progress)
         pipe.set_diffusion_backends(unet_backend, vae_backend)
         return pipe

@@ -1,0 +1,1 @@
+"""`dreamllm-fast bench`: stage-by-stage measurement against baselines and the hardware limit."""
