@@ -346,6 +346,34 @@ def load_checkpoint(ckpt_dir: "str | Path") -> Checkpoint:
     )
 
 
+def no_meta_left(module, what: str) -> None:
+    """Raise if a module built on the meta device still has a tensor that was never loaded."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"{what}: tensor {name} was not loaded (still on the meta device)")
+
+
+def build_diffusion_modules(config: DreamLLMConfig, unet_state: dict, vae_state: dict,
+                            device="cpu", dtype=torch.float32):
+    """The diffusers U-Net and VAE with these weights, built on meta (no random init), in eval."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as dlog
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config.diffusion.unet)
+        vae = AutoencoderKL.from_config(config.diffusion.vae)
+    unet.load_state_dict(unet_state, strict=True, assign=True)
+    vae.load_state_dict(vae_state, strict=True, assign=True)
+    no_meta_left(unet, "U-Net")
+    no_meta_left(vae, "VAE")
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # silence the generic "cast with to()" notice: intended here
+    try:
+        return (unet.to(device=device, dtype=dtype).eval(), vae.to(device=device, dtype=dtype).eval())
+    finally:
+        dlog.set_verbosity(level)
+
+
 def load_unet_vae(ckpt_dir: "str | Path", dtype=torch.float32, device="cpu"):
     """The checkpoint's diffusers U-Net and VAE (for export without the LLM)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -353,16 +381,15 @@ def load_unet_vae(ckpt_dir: "str | Path", dtype=torch.float32, device="cpu"):
     d = Path(ckpt_dir)
     cfg = load_config(d)
     head, head_path = read_weight_file(d, HEAD_FILE)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg.diffusion.unet)
-        vae = AutoencoderKL.from_config(cfg.diffusion.vae)
-    exp = {"unet." + k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    exp.update({"vae." + k: tuple(v.shape) for k, v in vae.state_dict().items()})
-    exp["projector.projector.weight"] = tuple(head.get("projector.projector.weight", torch.empty(0)).shape)
+    exp = {"unet." + k: s for k, s in
+           _meta_shapes(lambda: UNet2DConditionModel.from_config(cfg.diffusion.unet)).items()}
+    exp.update({"vae." + k: s for k, s in
+                _meta_shapes(lambda: AutoencoderKL.from_config(cfg.diffusion.vae)).items()})
+    exp["projector.projector.weight"] = (cfg.diffusion.cross_attention_dim, cfg.llm.hidden_size)
     check_shapes(head_path, head, exp)
-    unet.load_state_dict({k[5:]: v for k, v in head.items() if k.startswith("unet.")}, assign=True)
-    vae.load_state_dict({k[4:]: v for k, v in head.items() if k.startswith("vae.")}, assign=True)
-    return unet.to(device=device, dtype=dtype).eval(), vae.to(device=device, dtype=dtype).eval()
+    return build_diffusion_modules(
+        cfg, {k[5:]: v for k, v in head.items() if k.startswith("unet.")},
+        {k[4:]: v for k, v in head.items() if k.startswith("vae.")}, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------

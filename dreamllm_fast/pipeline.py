@@ -30,7 +30,7 @@ from .diffusion import (check_diffusion_args, decode_latents, denoise, make_sche
                         prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
-from .prompt import Prompt, PromptBuilder, normalize_content
+from .prompt import Prompt, PromptBuilder
 from .sampling import SamplingParams, sample_token
 
 BACKENDS = ("reference", "engine")

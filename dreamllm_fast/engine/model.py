@@ -23,17 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, build_diffusion_modules
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from .cuda_graph import CudaGraphRunner
 from .llm import KVCache, LlamaRunner, LlamaWeights
-
-
-def _no_meta_left(module: nn.Module, what: str) -> None:
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
-            raise RuntimeError(f"{what}: tensor {name} was not loaded (still on the meta device)")
 
 
 def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
@@ -69,7 +63,6 @@ class EngineModel:
 
     def __init__(self, ckpt: Checkpoint, special: SpecialTokens, device="cpu", dtype=torch.float32,
                  engine_config: Optional[EngineConfig] = None):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
 
         self.config = cfg = ckpt.config
         self.special = special
@@ -99,22 +92,7 @@ class EngineModel:
         self.cond_proj_weight = ckpt.cond_proj_weight.to(**to).contiguous()  # [C, H], no bias
 
         # -- diffusion head (diffusers modules) -----------------------------------------------
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(cfg.diffusion.unet)
-            vae = AutoencoderKL.from_config(cfg.diffusion.vae)
-        unet.load_state_dict(ckpt.unet, strict=True, assign=True)
-        vae.load_state_dict(ckpt.vae, strict=True, assign=True)
-        _no_meta_left(unet, "U-Net")
-        _no_meta_left(vae, "VAE")
-        from diffusers.utils import logging as dlog
-
-        level = dlog.get_verbosity()
-        dlog.set_verbosity_error()  # silence the generic "cast with to()" notice: intended here
-        try:
-            self.unet = unet.to(**to).eval()
-            self.vae = vae.to(**to).eval()
-        finally:
-            dlog.set_verbosity(level)
+        self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, dtype)
 
         # -- CUDA graphs of the decode step (CUDA only; the CPU runs the same step eagerly) ---
         self.graphs: Optional[CudaGraphRunner] = None

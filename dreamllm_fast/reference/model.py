@@ -15,14 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, build_diffusion_modules, no_meta_left
 from ..config import SpecialTokens
-
-
-def _no_meta_left(module: nn.Module, what: str) -> None:
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
-            raise RuntimeError(f"{what}: tensor {name} was not loaded (still on the meta device)")
 
 
 class ReferenceModel:
@@ -32,7 +26,6 @@ class ReferenceModel:
 
     def __init__(self, ckpt: Checkpoint, special: SpecialTokens, device="cpu",
                  dtype=torch.float32):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPVisionModel, LlamaForCausalLM
 
         self.config = cfg = ckpt.config
@@ -48,7 +41,7 @@ class ReferenceModel:
         # inv_freq is a non-persistent buffer: rebuild it for real instead of from meta.
         with torch.device("cpu"):  # (the constructor's signature differs across transformers 5.x)
             llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm.config)
-        _no_meta_left(llm, "LLM")
+        no_meta_left(llm, "LLM")
         self.llm = llm.to(**to).eval()
 
         clip = CLIPVisionModel(cfg.vision.to_hf())  # small enough to build for real
@@ -65,22 +58,7 @@ class ReferenceModel:
         self.cond_proj.load_state_dict({"weight": ckpt.cond_proj_weight})
         self.cond_proj.to(**to)
 
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(cfg.diffusion.unet)
-            vae = AutoencoderKL.from_config(cfg.diffusion.vae)
-        unet.load_state_dict(ckpt.unet, strict=True, assign=True)
-        vae.load_state_dict(ckpt.vae, strict=True, assign=True)
-        _no_meta_left(unet, "U-Net")
-        _no_meta_left(vae, "VAE")
-        from diffusers.utils import logging as dlog
-
-        level = dlog.get_verbosity()
-        dlog.set_verbosity_error()  # silence the generic "cast with to()" notice: intended here
-        try:
-            self.unet = unet.to(**to).eval()
-            self.vae = vae.to(**to).eval()
-        finally:
-            dlog.set_verbosity(level)
+        self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, dtype)
 
     # -- embeddings ---------------------------------------------------------------------------
     @torch.no_grad()
