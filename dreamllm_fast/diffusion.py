@@ -85,3 +85,17 @@ def to_pil(images: torch.Tensor) -> list:
     from diffusers.image_processor import VaeImageProcessor
 
     return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.cpu()))
+
+
+class EagerDiffusionHead:
+    """The eager U-Net and VAE calls over `self.unet` / `self.vae` (diffusers modules), shared by
+    the reference and engine backends; export backends replace them per component."""
+
+    @torch.no_grad()
+    def unet_eps(self, sample, t, cond) -> torch.Tensor:
+        return self.unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    @torch.no_grad()
+    def vae_decode(self, latents) -> torch.Tensor:
+        """latents already divided by the scaling factor -> image in [-1, 1]."""
+        return self.vae.decode(latents, return_dict=False)[0]

@@ -55,7 +55,10 @@ class ImagePreprocessor:
     rescale by 1/255, normalize with the CLIP mean/std (transformers' CLIPImageProcessor)."""
 
     def __init__(self, preprocessor_config: dict):
-        from transformers import CLIPImageProcessor
+        try:  # transformers >= 5.x names the PIL implementation; the plain name wants torchvision
+            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        except ImportError:
+            from transformers import CLIPImageProcessor
 
         cfg = {k: v for k, v in preprocessor_config.items()
                if k not in ("image_processor_type", "feature_extractor_type", "processor_class")}

@@ -25,6 +25,7 @@ from torch import nn
 from .. import kernels as K
 from ..checkpoint import Checkpoint, build_diffusion_modules
 from ..config import EngineConfig, Precision, SpecialTokens
+from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from .cuda_graph import CudaGraphRunner
 from .llm import KVCache, LlamaRunner, LlamaWeights
@@ -56,7 +57,7 @@ def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
     return clip.to(device=device, dtype=dtype).eval()
 
 
-class EngineModel:
+class EngineModel(EagerDiffusionHead):
     """All modules on one device and dtype; implements the pipeline's backend interface."""
 
     name = "engine"
@@ -235,15 +236,6 @@ class EngineModel:
                                       self.config.llm.rms_norm_eps)
             return list(cond.split([len(r) for r in rows]))
 
-    # -- diffusion ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def unet_eps(self, sample, t, cond) -> torch.Tensor:
-        return self.unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
-
-    @torch.no_grad()
-    def vae_decode(self, latents) -> torch.Tensor:
-        """latents already divided by the scaling factor -> image in [-1, 1]."""
-        return self.vae.decode(latents, return_dict=False)[0]
 
 
 def _check_rows(rows: Sequence[int], n: int) -> None:

@@ -17,9 +17,10 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, build_diffusion_modules, no_meta_left
 from ..config import SpecialTokens
+from ..diffusion import EagerDiffusionHead
 
 
-class ReferenceModel:
+class ReferenceModel(EagerDiffusionHead):
     """All modules of the model on one device and dtype."""
 
     name = "reference"
@@ -77,15 +78,6 @@ class ReferenceModel:
     def new_session(self) -> "ReferenceSession":
         return ReferenceSession(self)
 
-    # -- diffusion ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def unet_eps(self, sample, t, cond) -> torch.Tensor:
-        return self.unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
-
-    @torch.no_grad()
-    def vae_decode(self, latents) -> torch.Tensor:
-        """latents already divided by the scaling factor -> image in [-1, 1]."""
-        return self.vae.decode(latents, return_dict=False)[0]
 
 
 class ReferenceSession:
