@@ -166,3 +166,29 @@ def test_chat_stops_and_streams(ref_pipe):
     assert pipe.tokenizer.decode(ids[:-1], skip_special_tokens=True) == text
     short = pipe.chat(msgs, max_new_tokens=5)
     assert len(pipe.last_token_ids()) == 5 and text.startswith(short)
+
+
+def test_multimodal_prompt_condition_splices_the_image(ref_pipe):
+    """In-context generation: ["a dog", image, " wearing sunglasses"] puts the image span before
+    <dream_start>; the uncond branch stays the empty prompt."""
+    from PIL import Image
+
+    pipe = ref_pipe
+    m = pipe.model
+    img = Image.new("RGB", (256, 256), (200, 40, 40))
+    cond, uncond = pipe.encode_condition(["a dog", img, " wearing sunglasses"])
+    assert torch.equal(uncond, pipe.encode_condition("a dog")[1])
+    sp = pipe.special
+    P, Q = pipe.config.vision.num_patches, pipe.config.num_dream_queries
+    ids_a = pipe.tokenizer("a dog").input_ids
+    ids_b = pipe.tokenizer.convert_tokens_to_ids(
+        pipe.tokenizer.tokenize("<im_end> wearing sunglasses"))[1:]
+    feats = m.encode_images(pipe.preprocess([img]))[0]
+    emb = torch.cat([m.embed_tokens(ids_a + [sp.im_start]), feats, m.embed_tokens([sp.im_end] + ids_b
+                     + [sp.dream_start]), m.dream_queries])
+    with torch.no_grad():
+        want = m.llm.model(inputs_embeds=emb[None]).last_hidden_state[0, -Q:] @ m.cond_proj.weight.T
+    assert torch.allclose(cond[0], want, rtol=1e-4, atol=1e-5)
+    assert len(emb) == len(ids_a) + P + 2 + len(ids_b) + 1 + Q
+    other = pipe.encode_condition(["a dog", Image.new("RGB", (256, 256), (0, 0, 250)), " wearing sunglasses"])[0]
+    assert not torch.allclose(cond, other, atol=1e-4)  # the image matters
