@@ -163,12 +163,13 @@ class DreamLLMPipeline:
         finally:
             session.close()
 
-    def _uncond_condition(self, negative_prompt) -> torch.Tensor:
-        if negative_prompt is None:
+    def _uncond_condition(self, negative: Optional[Prompt]) -> torch.Tensor:
+        """Condition of the unconditional branch: a built negative prompt, or the empty prompt."""
+        if negative is None:
             if self._uncond is None:  # "<s> <dream_start> Q..": computed once per model
                 self._uncond = self._condition(self.prompts.raw("", dream_queries=True))
             return self._uncond
-        return self._condition(self._t2i_prompt(negative_prompt))
+        return self._condition(negative)
 
     def _t2i_prompt(self, content) -> Prompt:
         p = self.prompts.raw(content, dream_queries=True)
@@ -204,9 +205,7 @@ class DreamLLMPipeline:
                         f"negative_prompt has {len(negs)} entries but prompt has {len(prompts)}"
                     )
             built = [self._t2i_prompt(p) for p in prompts]
-            for n in negs:
-                if n is not None:
-                    self._t2i_prompt(n)
+            negs = [None if n is None else self._t2i_prompt(n) for n in negs]
         # Each row runs on its own (unpadded): the original's padded batches shift positions by
         # the pad count (dreamllm.md §2.6), which is an artifact, not the model.
         cond = torch.stack([self._condition(p) for p in built])
@@ -334,7 +333,9 @@ class DreamLLMPipeline:
         emb = torch.cat([self.model.embed_tokens([sp.dream_start]), self.model.dream_queries])
         with self._step("condition"):
             cond = session.extend_dream(emb, list(range(1, Q + 1)))
-        uncond = self._uncond_condition(opts["negative_prompt"])
+        if opts["uncond"] is None:  # once per call: every image of the answer shares it
+            opts["uncond"] = self._uncond_condition(opts["negative_prompt"])
+        uncond = opts["uncond"]
         images = self._diffuse(cond[None], uncond[None], opts["guidance_scale"],
                                opts["num_inference_steps"], generator, None,
                                self._latent_shape(None, None), None)
@@ -380,10 +381,9 @@ class DreamLLMPipeline:
         check_diffusion_args(steps, guidance_scale,
                              self.config.diffusion.scheduler["num_train_timesteps"])
         self.prompts.check_fits(prompt, sp.max_new_tokens, self.max_len, what)
-        if negative_prompt is not None:
-            self._t2i_prompt(negative_prompt)
+        negative = None if negative_prompt is None else self._t2i_prompt(negative_prompt)
         opts = dict(max_images=max_images, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+                    guidance_scale=guidance_scale, negative_prompt=negative, uncond=None)
         out: list = []
         with self._call():
             for piece in self._decode_text(prompt, sp, generator,

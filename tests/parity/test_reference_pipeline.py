@@ -192,3 +192,23 @@ def test_multimodal_prompt_condition_splices_the_image(ref_pipe):
     assert len(emb) == len(ids_a) + P + 2 + len(ids_b) + 1 + Q
     other = pipe.encode_condition(["a dog", Image.new("RGB", (256, 256), (0, 0, 250)), " wearing sunglasses"])[0]
     assert not torch.allclose(cond, other, atol=1e-4)  # the image matters
+
+
+def test_interleaved_negative_prompt_drives_the_uncond_branch(ref_pipe):
+    pipe = ref_pipe
+    want = pipe.encode_condition("a", negative_prompt="blurry, dark")[1][0]
+    seen, orig = [], pipe.unet
+
+    def spy(sample, t, ctx):
+        seen.append(ctx)
+        return orig(sample, t, ctx)
+
+    pipe.unet = spy
+    try:
+        doc = pipe.generate([{"role": "user", "content": "draw"}], max_new_tokens=200,
+                            num_inference_steps=1, negative_prompt="blurry, dark")
+    finally:
+        pipe.unet = orig
+    assert [type(x).__name__ for x in doc] == ["str", "Image", "str"]
+    assert len(seen) == 1 and torch.allclose(seen[0][0], want, atol=1e-6)
+    assert not torch.allclose(seen[0][0], pipe.encode_condition("a")[1][0], atol=1e-4)
