@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, launch, next_pow2, register_triton_op
+from ._utils import is_interpret, jit, launch, next_pow2, register_triton_op
 
 
 @triton.jit
@@ -199,7 +199,7 @@ def _append_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     B = cache_lens.shape[0]
     interp = is_interpret()
     block_t = 16 if interp else 32
-    torch.library.wrap_triton(_rope_cache_write_kernel)[(triton.cdiv(max_seqlen_q, block_t), B)](
+    jit(_rope_cache_write_kernel)[(triton.cdiv(max_seqlen_q, block_t), B)](
         k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
         hkv,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -220,7 +220,7 @@ def _append_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         warps = 8 if (block_m == 128 and d == 128) else 4
         stages = 3
     grid = (triton.cdiv(max_seqlen_q, block_m), B, hq)
-    torch.library.wrap_triton(_append_attention_kernel)[grid](
+    jit(_append_attention_kernel)[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
         sm_scale * 1.4426950408889634,
         q.stride(0), q.stride(1),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, launch, next_pow2, num_sms, register_triton_op
+from ._utils import is_interpret, is_tracing, jit, launch, next_pow2, num_sms, register_triton_op
 from .append_attention import _check_cache_args
 
 MAX_SPLITS = 64
@@ -154,12 +154,17 @@ def default_num_splits(batch: int, num_heads: int, max_seq: int, device: torch.d
 
 
 def _get_scratch(device, B, hq, splits, d):
+    """Split-KV partials, cached per shape so that a captured graph and later replays share them.
+    While tracing (fake tensors, torch.compile) they are fresh: fake or traced buffers must never
+    enter the cache, nor real ones a trace."""
     key = (device, B, hq, splits, d)
-    buf = _scratch.get(key)
+    tracing = is_tracing()
+    buf = None if tracing else _scratch.get(key)
     if buf is None:
         buf = (torch.empty(B, hq, splits, d, dtype=torch.float32, device=device),
                torch.empty(B, hq, splits, dtype=torch.float32, device=device))
-        _scratch[key] = buf
+        if not tracing:
+            _scratch[key] = buf
     return buf
 
 
@@ -172,7 +177,7 @@ def _decode_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     hkv = k.shape[1]
     splits = o_part.shape[2]
     interp = is_interpret()
-    torch.library.wrap_triton(_decode_attention_kernel)[(B, hq, splits)](
+    jit(_decode_attention_kernel)[(B, hq, splits)](
         q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, o_part, lse_part,
         sm_scale * 1.4426950408889634, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -183,7 +188,7 @@ def _decode_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         GROUP=hq // hkv, HALF=d // 2, BLOCK_N=BLOCK_N, IS_INTERPRET=interp,
         num_warps=4, num_stages=2,
     )
-    torch.library.wrap_triton(_decode_reduce_kernel)[(B, hq)](
+    jit(_decode_reduce_kernel)[(B, hq)](
         o_part, lse_part, out, splits,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, launch, next_pow2, num_sms, register_triton_op
+from ._utils import is_interpret, jit, launch, next_pow2, num_sms, register_triton_op
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _dream_projection_launch(hidden: torch.Tensor, rows: torch.Tensor, norm_weig
                 block_c = bc
                 break
     grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_c))
-    torch.library.wrap_triton(_dream_projection_kernel)[grid](
+    jit(_dream_projection_kernel)[grid](
         hidden, rows, norm_weight, proj_weight, out,
         N, H, C, eps,
         hidden.stride(0), proj_weight.stride(0), out.stride(0), out.stride(1),

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, launch, next_pow2, register_triton_op, warps_for_block
+from ._utils import is_interpret, jit, launch, next_pow2, register_triton_op, warps_for_block
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _rmsnorm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     ro2 = residual_out.view(-1, H) if has_res else x2
     BLOCK_N = next_pow2(H)
     if x2.shape[0] > 0:
-        torch.library.wrap_triton(_rmsnorm_kernel)[(x2.shape[0],)](
+        jit(_rmsnorm_kernel)[(x2.shape[0],)](
             x2, r2, ro2, weight, y2,
             H, eps,
             x2.stride(0), r2.stride(0), ro2.stride(0), y2.stride(0),

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, launch, next_pow2, register_triton_op
+from ._utils import is_interpret, jit, launch, next_pow2, register_triton_op
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _silu_and_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     x2, o2 = gate_up.view(-1, 2 * F), out.view(-1, F)
     BLOCK_F = min(1024, next_pow2(F))
     if x2.shape[0] > 0:
-        torch.library.wrap_triton(_silu_and_mul_kernel)[(x2.shape[0], triton.cdiv(F, BLOCK_F))](
+        jit(_silu_and_mul_kernel)[(x2.shape[0], triton.cdiv(F, BLOCK_F))](
             x2, o2, F, x2.stride(0), o2.stride(0), BLOCK_F=BLOCK_F, IS_INTERPRET=is_interpret(), num_warps=4,
         )
 
