@@ -11,7 +11,7 @@ this is that command restricted to the end-to-end stages, on random 7B-shape wei
 import argparse
 import sys
 
-from dreamllm_fast.bench.report import add_bench_arguments, run_bench
+from dreamllm_fast.bench.run import add_bench_arguments, run_bench
 
 E2E_STAGES = ["prefill", "decode", "t2i", "interleaved"]
 
