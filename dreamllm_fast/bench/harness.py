@@ -44,13 +44,17 @@ def _driver():
 
 
 def git_sha():
+    """HEAD (+ "-dirty" for local kernel/benchmark edits); in a copy without .git (a GPU session's
+    working tree) the DREAMLLM_FAST_GIT_SHA variable the session sets, else None."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "benchmarks"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "benchmarks"], cwd=REPO,
+                                   capture_output=True, text=True).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
     except Exception:
-        return None
+        pass
+    return os.environ.get("DREAMLLM_FAST_GIT_SHA") or None
 
 
 def env_info():

@@ -80,7 +80,9 @@ class DiffusionModels(EagerDiffusionHead):
             from ..checkpoint import load_config, load_unet_vae
 
             d = Path(checkpoint) if checkpoint else _tiny_dir()
-            self.config = load_config(d)
+            # Q is read from the dream-query weights by load_checkpoint; the tiny preset's is known
+            q = None if checkpoint else DreamLLMConfig.from_name("tiny").num_dream_queries
+            self.config = load_config(d, num_dream_queries=q)
             self.unet, self.vae = load_unet_vae(d, dtype=dtype, device=self.device)
             return
         from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -120,7 +120,7 @@ def markdown(report: dict) -> str:
         if slow:
             lines += ["", "**Slower than its baseline**: " + "; ".join(
                 f"{x['stage']}" + (f"@{x['context']}" if x["context"] else "")
-                + f" {x['provider']} vs {x['baseline']} {x['speedup']:.3g}x" for x in slow) + "."]
+                + f" {x['provider']} vs {x['baseline']} {x['speedup']:.3f}x" for x in slow) + "."]
     return "\n".join(lines) + "\n"
 
 
