@@ -251,8 +251,9 @@ def run_phases(phases: list, out: Path, work: Path, args, budget_s: float = BUDG
     return records
 
 
-def _cap_files(out: Path, limit: int = MAX_FILE_BYTES) -> None:
+def _cap_files(out: Path, limit: "int | None" = None) -> None:
     """Keep the tail of any file over the per-file limit of what a GPU session brings back."""
+    limit = limit or MAX_FILE_BYTES
     for p in out.iterdir():
         if p.is_file() and p.stat().st_size > limit:
             data = p.read_bytes()[-(limit - 200):]

@@ -83,3 +83,12 @@ def test_cpu_reports_never_feed_the_readme(tmp_path):
     (d / "report.json").write_text(json.dumps(rep))
     assert latest_gpu_report(tmp_path) == d / "report.json"
     assert "H100" in markdown(rep)
+
+
+def test_engine_eager_runs_only_where_it_differs_from_engine():
+    from dreamllm_fast.bench.stages import STAGES, models_for
+
+    models = {"engine": 1, "engine_eager": 2, "reference": 3}
+    for stage in STAGES:
+        want = {"engine", "reference"} | ({"engine_eager"} if stage in ("prefill", "decode", "dream") else set())
+        assert set(models_for(stage, models)) == want, stage

@@ -61,14 +61,18 @@ def test_phases_run_in_order_time_out_fail_and_the_run_goes_on(tmp_path):
     _flat_and_few(out)
 
 
-def test_the_budget_bounds_the_run_and_skips_later_phases(tmp_path):
+def test_the_budget_bounds_the_run_and_skips_later_phases(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "MAX_FILE_BYTES", 4096)
     out = tmp_path / "out"
-    phases = [_phase("env", 30, "import time; time.sleep(60)"), _phase("tests", 30, "print(1)")]
+    phases = [_phase("env", 30, "print('x' * 20000, flush=True); import time; time.sleep(60)"),
+              _phase("tests", 30, "print(1)")]
     t0 = time.monotonic()
     recs = G.run_phases(phases, out, tmp_path / "w", ARGS, budget_s=3)
     assert time.monotonic() - t0 < 30
     assert recs[0]["status"] == "timeout" and recs[1]["status"] == "skipped"
     assert "budget of 3 s spent" in recs[1]["reason"]
+    log = (out / "gpu_report.log").read_bytes()
+    assert len(log) <= 4096 and log.startswith(b"[truncated by gpu_report")  # fits what comes back
 
 
 def test_phase_selection_and_bad_names(tmp_path, monkeypatch, capsys):
