@@ -5,9 +5,10 @@ device-side assert, which poisons the CUDA context of the whole process (on the 
 - ``compile_static``: transformers' LLaMA + ``StaticCache`` with the decode step under
   ``torch.compile(mode="reduce-overhead", fullgraph=True)``, gpt-fast style, the usual way to make
   HF decoding fast. Each timed run starts from a reset cache re-prefilled outside the timed region:
-  a transformers 5.x ``StaticLayer`` writes at its own ``cumulative_length`` counter (5.23 ignores
-  ``cache_position`` entirely), so "rewinding" by passing earlier positions writes past the end
-  (the H100's ``index out of bounds: 0 <= tmp31 < 40``). ``cudagraph_mark_step_begin()`` precedes
+  a transformers ``StaticLayer`` writes at its own ``cumulative_length`` counter (read in the 5.17
+  and 5.23 sources: ``LlamaModel.forward`` takes no ``cache_position`` there, and ``reset()``
+  zeroes K/V and the counter in place), so "rewinding" by passing earlier positions writes past
+  the end (the H100's ``index out of bounds: 0 <= tmp31 < 40``). ``cudagraph_mark_step_begin()`` precedes
   every compiled call, as reduce-overhead's graph trees require when a step's output feeds the next.
 - ``diffusion_backend``: one U-Net or VAE export backend (``compiled``: torch.compile or AOTI,
   ``onnxruntime``, ``tensorrt``), built strictly (a fallback is reported, never timed as eager).
@@ -52,7 +53,8 @@ class StaticCacheDecoder:
         self.prompt_pos = torch.arange(ctx, device=dev)[None]  # [1, ctx]
         self.step_pos = torch.arange(ctx, ctx + tokens, device=dev)  # [n]
         self.cache = StaticCache(config=llm.config, max_cache_len=-(-(ctx + tokens) // 8) * 8)
-        # transformers 5.17 LLaMA takes cache_position; 5.23 dropped it (the layer counts itself).
+        # Neither 5.17 nor 5.23 LLaMA takes cache_position (the layer counts itself); pass it only
+        # to a version whose forward names it, so the write position never disagrees with ours.
         self._pass_cache_pos = "cache_position" in inspect.signature(llm.model.forward).parameters
         self.step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile
                      else self._step)
