@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+ROOT = Path(__file__).resolve().parents[1]  # every phase runs from the repository root
 OUT_FILES = ("env.json", "tests.json", "tests.log", "kernels.json", "report.json", "report.md",
              "phases.json", "gpu_report.log")
 MAX_FILE_BYTES = 16 << 20  # what comes back from a GPU session, per file
@@ -193,7 +194,7 @@ def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
         log.write(f"\n$ {' '.join(map(str, argv))}\n".encode())
         log.flush()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, cwd=ROOT, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(0.1, timeout_s))
         except subprocess.TimeoutExpired:
@@ -340,16 +341,14 @@ def main(argv=None) -> int:
     if args._env:
         write_env(args._env)
         return 0
-    from dreamllm_fast.bench.harness import REPO
-
     if args.publish:
-        print(f"published to {publish(args.publish, REPO, readme=not args.no_readme)}")
+        print(f"published to {publish(args.publish, ROOT, readme=not args.no_readme)}")
         return 0
     if args.out is None:
         ap.error("--out DIR is required (a flat folder: $OUT in a GPU session)")
     order = [p for p in PHASES if p in args.phases]
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_report-"))
-    records = run_phases([PHASES[p] for p in order], args.out, work, args, args.budget_s)
+    work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_report-"))).resolve()
+    records = run_phases([PHASES[p] for p in order], args.out.resolve(), work, args, args.budget_s)
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
