@@ -218,3 +218,26 @@ def test_compile_static_baseline_runs_in_a_child_and_the_parent_context_survives
     assert cs[0]["compile_s"] > 0 and cs[0]["isolated"]
     torch.cuda.synchronize()
     assert torch.ones(4, device="cuda").sum().item() == 4.0
+
+
+def test_the_real_child_jobs_run_end_to_end_on_the_cpu(monkeypatch):
+    """The GPU-only jobs' own code, on the CPU: compile_static with compile off, through a real
+    child process; the diffusion-backend job in-process with the eager kind."""
+    from dreamllm_fast.bench.baselines import diffusion_backend_job
+
+    spec = {"preset": "tiny", "checkpoint": None, "device": "cpu", "dtype": "float32",
+            "ceilings": {"copy_gbps": 10.0, "fp32_gemm_tflops_cpu": 0.1},
+            "settings": {"contexts": [16, 24], "decode_tokens": 3}}
+    monkeypatch.setitem(isolated.JOBS, "compile_static", isolated.Job(isolated.JOBS["compile_static"].target,
+                                                                      needs_cuda=False))
+    rows = isolated.run_isolated("compile_static", {**spec, "options": {"compile": False}}, stage="decode",
+                                 provider="compile_static", timeout_s=240)
+    assert [r["context"] for r in rows] == [16, 24], rows
+    assert all(r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["warmup_s"] > 0 and r["isolated"] for r in rows)
+    assert all(r["floor_ms"] > 0 for r in rows)  # from the parent's ceilings, not re-measured
+    got = []
+    for comp in ("unet", "vae"):
+        diffusion_backend_job({**spec, "stage": comp, "provider": "eager",
+                               "options": {"component": comp, "kind": "eager", "floor_ms": 0.5}}, got.append)
+    assert [(r["stage"], r["provider"]) for r in got] == [("unet", "eager"), ("vae", "eager")]
+    assert all(r["ms"] > 0 and r["frac_of_floor"] == 0.5 / r["ms"] and r["autotune"] is False for r in got)
