@@ -1,16 +1,18 @@
 """U-Net step, VAE decode and a 50-step DDPM + CFG loop per export backend (GPU only).
 
-    python -m benchmarks.bench_unet [--quick] [--out DIR] [--backends eager,compiled,...]
+    python -m benchmarks.bench_unet [--quick] [--out DIR] [--backends eager,compiled,...] [--autotune]
 
 Real SD-2.1-base shapes with random weights (timing depends on shapes only, performance.md):
 U-Net sample [2,4,64,64] (CFG batch at 512x512), conditioning [2,64,1024]; VAE latent
 [1,4,64,64] -> [1,3,512,512]. Backends: eager fp16 (diffusers, the baseline), compiled
-(torch.compile max-autotune-no-cudagraphs + our CUDA graph), compiled-aoti (AOTInductor package),
+(torch.compile, Inductor's default mode + our CUDA graph; `--autotune` for max-autotune, minutes
+per shape), compiled-aoti (AOTInductor package),
 onnxruntime (CUDA EP if installed), tensorrt (if installed). Each is built with strict=True, so
 a missing backend is reported as skipped with its reason instead of silently timing eager.
 Build/compile time is reported separately from the steady-state time. Results (ms, speedup vs
 eager, env: GPU, driver, versions, git SHA, date) go to benchmarks/results/<gpu>/bench_unet.json
-via the shared harness. The U-Net reads 1.7 GB of fp16 weights per step (> L2), so input
+via the shared harness, rewritten after every backend (a later crash keeps the earlier rows).
+`dreamllm-fast bench --stages unet vae` runs each non-eager backend in a child process instead. The U-Net reads 1.7 GB of fp16 weights per step (> L2), so input
 rotation is moot here; inputs are fresh random tensors, never zeros.
 """
 import time
@@ -26,15 +28,15 @@ def _kind(name):
     return ("compiled", {"compile": "aoti"}) if name == "compiled-aoti" else (name, {})
 
 
-def build(name, unet, vae, cfg, cache_dir):
+def build(name, unet, vae, cfg, cache_dir, autotune=False):
     from dreamllm_fast.export.backends import make_unet_backend, make_vae_backend
 
     kind, opts = _kind(name)
     t0 = time.perf_counter()
     u = make_unet_backend(unet, kind, precision="fp16", cache_dir=cache_dir, cfg=cfg, strict=True,
-                          **opts)
+                          autotune=autotune, **opts)
     v = make_vae_backend(vae, kind, precision="fp16", cache_dir=cache_dir, cfg=cfg, strict=True,
-                         **opts)
+                         autotune=autotune, **opts)
     return u, v, time.perf_counter() - t0
 
 
@@ -74,6 +76,7 @@ def main(argv=None):
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {BACKENDS}")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cache-dir", default=None, help="export cache (default ~/.cache/dreamllm_fast)")
+    p.add_argument("--autotune", action="store_true", help="Inductor max-autotune (compiled kinds)")
     args = p.parse_args(argv)
     require_cuda()
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -90,14 +93,16 @@ def main(argv=None):
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
     steps = 5 if args.quick else args.steps
     rows, base = [], {}
+    extra = {"dtype": "fp16", "steps": steps, "autotune": args.autotune}
     for name in args.backends.split(","):
         row = {"backend": name, "unet_shape": "2x4x64x64 cond 2x64x1024", "vae_shape": "1x4x64x64"}
         try:
-            u, v, build_s = build(name, unet, vae, cfg, args.cache_dir)
+            u, v, build_s = build(name, unet, vae, cfg, args.cache_dir, args.autotune)
         except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
             row["skipped"] = f"{type(e).__name__}: {e}"[:300]
             print(f"{name}: skipped ({row['skipped']})")
             rows.append(row)
+            write_results("bench_unet", rows, args.out, extra=extra)
             continue
         t0 = time.perf_counter()
         u(x, t, ehs), v(z)  # first call: compile / capture / engine warm-up
@@ -113,11 +118,12 @@ def main(argv=None):
             if k in base:
                 row[k.replace("_ms", "_speedup")] = base[k] / row[k]
         rows.append(row)
+        write_results("bench_unet", rows, args.out, extra=extra)
         del u, v
         torch.cuda.empty_cache()
     print_rows(rows, ["backend", "unet_ms", "unet_speedup", "vae_ms", "vae_speedup",
                       f"loop{steps}_ms", f"loop{steps}_speedup", "build_s"])
-    write_results("bench_unet", rows, args.out, extra={"dtype": "fp16", "steps": steps})
+    write_results("bench_unet", rows, args.out, extra=extra)
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (may equal src: safetensors are written beside)")
     p.set_defaults(fn=cmd_convert)
 
-    from .bench.report import add_bench_arguments, run_bench
+    from .bench.run import add_bench_arguments, run_bench
 
     p = sub.add_parser("bench", help="measure every stage beside its baselines and the hardware "
                                      "limit (random 7B-shape weights unless --checkpoint)")

@@ -16,8 +16,9 @@ parity checks (style.md §13 "torch fallback").
 Options (**opts): cfg (a DreamLLMConfig: shapes and default resolution), resolution (export
 sample / profile pixels), num_queries (U-Net profile Q when no cfg; default 64), images
 ((min, opt, max) images of the TensorRT profile; default (1, 1, 2)), provider ("cpu" | "cuda" for
-onnxruntime), opset, dynamo, compile ("torch_compile" | "aoti"), compile_mode, cuda_graph,
-strongly_typed, optimization_level, strict.
+onnxruntime), opset, dynamo, compile ("torch_compile" | "aoti"), compile_mode (an Inductor
+mode; default "default"), autotune (Inductor max-autotune; default False: it cost minutes per
+shape at SD-2.1 size on the H100), cuda_graph, strongly_typed, optimization_level, strict.
 """
 from __future__ import annotations
 
@@ -303,7 +304,8 @@ def _build_runner(kind, module, torch_module, spec, *, precision, cache_dir, res
             raise BackendUnavailable(reason)
         return compile_module(torch_module(), component=spec.name,
                               mode=opts.get("compile", "torch_compile"),
-                              compile_mode=opts.get("compile_mode", "max-autotune-no-cudagraphs"),
+                              compile_mode=opts.get("compile_mode"),
+                              autotune=opts.get("autotune", False),
                               cuda_graph=opts.get("cuda_graph", True), cache_dir=cache_dir,
                               precision=precision), device
     if kind == "onnxruntime":

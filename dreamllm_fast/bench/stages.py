@@ -1,11 +1,16 @@
-"""The stages `dreamllm-fast bench` measures, each beside its baselines in the same process.
+"""The stages `dreamllm-fast bench` measures, each beside its baselines in the same run.
 
 Every stage returns rows ``{stage, provider, ms, ms_p20, ms_p80, floor_ms, frac_of_floor, ...}``.
-Providers: ``engine`` (ours), ``reference`` (transformers + diffusers eager, the pipeline the
-original composes) and, on CUDA, ``compile_static`` (transformers' LLaMA with a static cache under
-torch.compile, the usual way to make HF decoding fast). Floors come from the measured ceilings:
-weight + KV bytes over copy bandwidth for decode, FLOPs (counted by torch's FlopCounterMode) over
-the GEMM rate for compute-bound stages.
+Providers: ``engine`` (ours, its CUDA-graph path where it has one), ``engine_eager`` (the same
+engine with ``EngineConfig(use_cuda_graphs=False)``, for the stages where the two differ:
+prefill, decode, dream), ``reference`` (transformers + diffusers eager, the pipeline the original
+composes). Baselines that can poison the CUDA context (torch.compile + CUDA graphs) are not here:
+baselines.py runs them in a child process. Floors come from the measured ceilings: weight + KV
+bytes over copy bandwidth for decode, FLOPs (torch's FlopCounterMode) over the GEMM rate for the
+compute-bound stages.
+
+Isolation: a provider that fails (setup or timing) becomes an error row with its type, message and
+where it was raised; the other providers and stages go on.
 
 Stages work on the backend interface (sessions of embeddings), not on the tokenizer, so random
 weights at the real shapes measure the same work as a checkpoint: the interleaved stage runs the
@@ -13,15 +18,17 @@ exact schedule the pipeline runs (text tokens, a dream branch, an image, its fee
 """
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from ..diffusion import decode_latents, denoise, make_scheduler
-from .harness import ceilings, do_bench
+from . import GRAPH_STAGES, LLM_STAGES, STAGES  # noqa: F401 (re-exported)
+from .harness import bench_fn, ceilings
 
-STAGES = ("vision", "prefill", "decode", "dream", "projection", "unet", "vae", "t2i", "interleaved")
 
 
 @dataclass
@@ -35,6 +42,17 @@ class BenchSettings:
     unet_backends: tuple[str, ...] = ("eager", "compiled")
     stages: tuple[str, ...] = STAGES
     extra: dict = field(default_factory=dict)
+
+
+def error_row(stage: str, provider: str, exc: BaseException, **fields) -> dict:
+    """A row that says what failed: exception type, message, and the innermost frame."""
+    where = None
+    tb = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    if tb:
+        f = tb[-1]
+        where = f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+    return {"stage": stage, "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300],
+            "error_type": type(exc).__name__, "where": where, **fields}
 
 
 def _sync(device):
@@ -61,16 +79,31 @@ def count_flops(fn: Callable[[], object]) -> Optional[float]:
 
 def _row(stage: str, provider: str, fn, device, floor_ms: Optional[float] = None, **fields) -> dict:
     try:
-        fn()
-        _sync(device)
-        med, p20, p80 = do_bench(fn)
-    except Exception as e:  # a baseline that cannot run must not end the report
-        return {"stage": stage, "provider": provider, "error": f"{type(e).__name__}: {e}"[:300], **fields}
-    row = {"stage": stage, "provider": provider, "ms": med, "ms_p20": p20, "ms_p80": p80, **fields}
+        med, p20, p80, first_s = bench_fn(fn)
+    except Exception as e:  # a provider that cannot run must not end the report
+        return error_row(stage, provider, e, **fields)
+    row = {"stage": stage, "provider": provider, "ms": med, "ms_p20": p20, "ms_p80": p80,
+           "first_call_s": first_s, **fields}
     if floor_ms:
         row["floor_ms"] = floor_ms
         row["frac_of_floor"] = floor_ms / med
     return row
+
+
+def models_for(stage: str, models: dict) -> dict:
+    """The providers a stage compares: engine_eager only where it differs from engine."""
+    return {k: m for k, m in models.items() if k != "engine_eager" or stage in GRAPH_STAGES}
+
+
+def _each(stage: str, models: dict, body: Callable) -> list[dict]:
+    """body(name, model) -> rows, per provider; a setup failure becomes that provider's error row."""
+    rows = []
+    for name, m in models_for(stage, models).items():
+        try:
+            rows += body(name, m)
+        except Exception as e:
+            rows.append(error_row(stage, name, e))
+    return rows
 
 
 def _weight_bytes(model) -> int:
@@ -87,6 +120,12 @@ def _kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
 
 
+def decode_floor_ms(model, ctx: int, tokens: int) -> float:
+    """Weight + KV bytes of `tokens` decode steps at context `ctx` over the copy bandwidth."""
+    per = (_weight_bytes(model) + _kv_bytes_per_token(model) * ctx) / (ceilings()["copy_gbps"] * 1e9)
+    return per * 1e3 * tokens
+
+
 def _embeds(model, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator(model.device).manual_seed(seed)
     ids = torch.randint(3, 300, (n,), generator=g, device=model.device)
@@ -95,20 +134,18 @@ def _embeds(model, n: int, seed: int = 0) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 def bench_vision(models: dict, s: BenchSettings) -> list[dict]:
-    rows = []
-    for name, m in models.items():
+    def body(name, m):
         size = m.config.vision.image_size
         px = torch.randn(1, 3, size, size, device=m.device)
         flops = count_flops(lambda: m.encode_images(px))
         floor = flops / _gemm_rate() * 1e3 if flops else None
-        rows.append(_row("vision", name, lambda: m.encode_images(px), m.device, floor, tokens=1))
-    return rows
+        return [_row("vision", name, lambda: m.encode_images(px), m.device, floor, tokens=1)]
+    return _each("vision", models, body)
 
 
 def bench_prefill(models: dict, s: BenchSettings) -> list[dict]:
     """Time to first token: one image span + text, prefilled from an empty cache."""
-    rows = []
-    for name, m in models.items():
+    def body(name, m):
         P = m.config.vision.num_patches
         emb = _embeds(m, s.prefill_text_tokens + P + 2)
 
@@ -121,8 +158,8 @@ def bench_prefill(models: dict, s: BenchSettings) -> list[dict]:
 
         params = sum(v.numel() for k, v in _llm_params(m).items() if "embed_tokens" not in k)
         floor = 2 * params * emb.shape[0] / _gemm_rate() * 1e3
-        rows.append(_row("prefill", name, run, m.device, floor, tokens=emb.shape[0]))
-    return rows
+        return [_row("prefill", name, run, m.device, floor, tokens=emb.shape[0])]
+    return _each("prefill", models, body)
 
 
 def _llm_params(m) -> dict:
@@ -137,30 +174,37 @@ def _llm_params(m) -> dict:
 
 def bench_decode(models: dict, s: BenchSettings) -> list[dict]:
     """Steady-state decode at each context: greedy tokens, one forward each, logits included."""
-    rows = []
-    for name, m in models.items():
+    def body(name, m):
+        rows = []
         for ctx in s.contexts:
-            sess = m.new_session()
             try:
-                sess.extend(_embeds(m, ctx))
-                start = sess.length
-                tok = [torch.tensor(5, device=m.device)]
+                rows.append(_decode_at(name, m, ctx, s))
+            except Exception as e:
+                rows.append(error_row("decode", name, e, context=ctx))
+        return rows
+    return _each("decode", models, body)
 
-                def run():
-                    if sess.length + s.decode_tokens > start + 4 * s.decode_tokens:
-                        _rewind(sess, start)
-                    for _ in range(s.decode_tokens):
-                        tok[0] = sess.extend(m.embed_tokens(tok[0].view(1))).argmax()
 
-                floor = (_weight_bytes(m) + _kv_bytes_per_token(m) * ctx) / (ceilings()["copy_gbps"] * 1e9) * 1e3
-                row = _row("decode", name, run, m.device, floor * s.decode_tokens, context=ctx,
-                           tokens=s.decode_tokens)
-                if "ms" in row:
-                    row["tokens_per_s"] = s.decode_tokens / (row["ms"] * 1e-3)
-                rows.append(row)
-            finally:
-                sess.close()
-    return rows
+def _decode_at(name, m, ctx: int, s: BenchSettings) -> dict:
+    sess = m.new_session()
+    try:
+        sess.extend(_embeds(m, ctx))
+        start = sess.length
+        tok = [torch.tensor(5, device=m.device)]
+
+        def run():
+            if sess.length + s.decode_tokens > start + 4 * s.decode_tokens:
+                _rewind(sess, start)
+            for _ in range(s.decode_tokens):
+                tok[0] = sess.extend(m.embed_tokens(tok[0].view(1))).argmax()
+
+        row = _row("decode", name, run, m.device, decode_floor_ms(m, ctx, s.decode_tokens),
+                   context=ctx, tokens=s.decode_tokens)
+        if "ms" in row:
+            row["tokens_per_s"] = s.decode_tokens / (row["ms"] * 1e-3)
+        return row
+    finally:
+        sess.close()
 
 
 def _rewind(sess, length: int) -> None:
@@ -179,8 +223,7 @@ def _rewind(sess, length: int) -> None:
 
 def bench_dream(models: dict, s: BenchSettings) -> list[dict]:
     """The dream branch: `<dream_start>` + Q queries appended to a 512-token context."""
-    rows = []
-    for name, m in models.items():
+    def body(name, m):
         Q = m.dream_queries.shape[0]
         sess = m.new_session()
         try:
@@ -192,10 +235,10 @@ def bench_dream(models: dict, s: BenchSettings) -> list[dict]:
                 return sess.extend_dream(emb, list(range(1, Q + 1)))
 
             floor = (_weight_bytes(m) + _kv_bytes_per_token(m) * 600) / (ceilings()["copy_gbps"] * 1e9) * 1e3
-            rows.append(_row("dream", name, run, m.device, floor, tokens=Q + 1))
+            return [_row("dream", name, run, m.device, floor, tokens=Q + 1)]
         finally:
             sess.close()
-    return rows
+    return _each("dream", models, body)
 
 
 def bench_projection(models: dict, s: BenchSettings) -> list[dict]:
@@ -219,44 +262,40 @@ def bench_projection(models: dict, s: BenchSettings) -> list[dict]:
     ]
 
 
-def bench_unet(models: dict, s: BenchSettings) -> list[dict]:
-    """One U-Net step at the guidance batch (2) and the default resolution, per backend."""
-    from ..export.backends import make_unet_backend
-
-    m = next(iter(models.values()))
+def unet_inputs(m):
+    """One guided U-Net step's inputs at the default resolution: (sample, t, cond), batch 2."""
     d = m.config.diffusion
     lat = d.default_resolution // d.vae_scale_factor
     x = torch.randn(2, d.latent_channels, lat, lat, device=m.device, dtype=m.dtype)
     t = torch.tensor([981.0, 981.0], device=m.device)
     ctx = torch.randn(2, m.config.num_dream_queries, d.cross_attention_dim, device=m.device, dtype=m.dtype)
+    return x, t, ctx
+
+
+def vae_inputs(m):
+    d = m.config.diffusion
+    lat = d.default_resolution // d.vae_scale_factor
+    return (torch.randn(1, d.latent_channels, lat, lat, device=m.device, dtype=m.dtype),)
+
+
+def bench_unet(models: dict, s: BenchSettings) -> list[dict]:
+    """One U-Net step at the guidance batch (2) and the default resolution, eager here (the
+    compiled backends run isolated: baselines.py)."""
+    m = next(iter(models.values()))
+    x, t, ctx = unet_inputs(m)
     flops = count_flops(lambda: m.unet_eps(x, t, ctx))
-    floor = flops / _gemm_rate() * 1e3 if flops else None
-    rows = []
-    for kind in s.unet_backends:
-        try:
-            fn = make_unet_backend(m.unet, kind, precision=m.dtype)
-            name = fn.name
-        except Exception as e:
-            rows.append({"stage": "unet", "provider": kind, "error": str(e)[:300]})
-            continue
-        if name != kind:  # fell back: say so instead of timing eager twice
-            rows.append({"stage": "unet", "provider": kind,
-                         "error": f"unavailable here, fell back to {name}: {getattr(fn, 'fallback_reason', '')}"[:300]})
-            continue
-        rows.append(_row("unet", kind, lambda: fn(x, t, ctx), m.device, floor,
-                         resolution=d.default_resolution, batch=2))
-    return rows
+    s.extra["unet_floor_ms"] = flops / _gemm_rate() * 1e3 if flops else None
+    return [_row("unet", "eager", lambda: m.unet_eps(x, t, ctx), m.device, s.extra["unet_floor_ms"],
+                 resolution=m.config.diffusion.default_resolution, batch=2)]
 
 
 def bench_vae(models: dict, s: BenchSettings) -> list[dict]:
     m = next(iter(models.values()))
-    d = m.config.diffusion
-    lat = d.default_resolution // d.vae_scale_factor
-    z = torch.randn(1, d.latent_channels, lat, lat, device=m.device, dtype=m.dtype)
+    (z,) = vae_inputs(m)
     flops = count_flops(lambda: m.vae_decode(z))
-    floor = flops / _gemm_rate() * 1e3 if flops else None
-    return [_row("vae", "eager", lambda: m.vae_decode(z), m.device, floor,
-                 resolution=d.default_resolution)]
+    s.extra["vae_floor_ms"] = flops / _gemm_rate() * 1e3 if flops else None
+    return [_row("vae", "eager", lambda: m.vae_decode(z), m.device, s.extra["vae_floor_ms"],
+                 resolution=m.config.diffusion.default_resolution)]
 
 
 def _t2i(m, steps: int, prompt_len: int = 16):
@@ -277,8 +316,8 @@ def _t2i(m, steps: int, prompt_len: int = 16):
 
 
 def bench_t2i(models: dict, s: BenchSettings) -> list[dict]:
-    return [_row("t2i", name, lambda m=m: _t2i(m, s.t2i_steps), m.device, None, steps=s.t2i_steps)
-            for name, m in models.items()]
+    return _each("t2i", models, lambda name, m: [
+        _row("t2i", name, lambda: _t2i(m, s.t2i_steps), m.device, None, steps=s.t2i_steps)])
 
 
 def _interleaved(m, tokens: int, images: int, steps: int):
@@ -309,62 +348,10 @@ def _interleaved(m, tokens: int, images: int, steps: int):
 
 
 def bench_interleaved(models: dict, s: BenchSettings) -> list[dict]:
-    return [_row("interleaved", name,
-                 lambda m=m: _interleaved(m, s.interleaved_tokens, s.interleaved_images, s.t2i_steps),
-                 m.device, None, tokens=s.interleaved_tokens, images=s.interleaved_images)
-            for name, m in models.items()]
-
-
-def bench_compile_static(ref_model, s: BenchSettings) -> list[dict]:
-    """Baseline, gpt-fast style: transformers' LLaMA + StaticCache, the decode step under
-    torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA only). Compile and capture time is
-    reported separately (`compile_s`), never inside the timed steps."""
-    import time
-
-    if ref_model.device.type != "cuda":
-        return [{"stage": "decode", "provider": "compile_static",
-                 "error": "skipped: torch.compile + CUDA graphs baseline needs CUDA"}]
-    from transformers import StaticCache
-
-    llm = ref_model.llm
-    table = llm.model.embed_tokens.weight
-    rows = []
-    for ctx in s.contexts:
-        try:
-            cache = StaticCache(config=llm.config, max_cache_len=ctx + 4 * s.decode_tokens + 8)
-
-            def step(x, pos, cache_pos):
-                return llm(inputs_embeds=x, position_ids=pos, cache_position=cache_pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()
-
-            compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-            pos0 = torch.arange(ctx, device="cuda")
-            state = {"logits": step(_embeds(ref_model, ctx)[None], pos0[None], pos0), "pos": ctx}
-
-            def run():
-                if state["pos"] + s.decode_tokens > cache.max_cache_len:
-                    state["pos"] = ctx  # rewind: later positions are overwritten, never read
-                logits = state["logits"]
-                for _ in range(s.decode_tokens):
-                    p = torch.full((1,), state["pos"], device="cuda", dtype=torch.long)
-                    logits = compiled(table[logits.argmax(-1)][:, None], p[None], p)
-                    state["pos"] += 1
-                state["logits"] = logits
-
-            t0 = time.perf_counter()
-            run()  # compile + capture
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            floor = (_weight_bytes(ref_model) + _kv_bytes_per_token(ref_model) * ctx) / (ceilings()["copy_gbps"] * 1e9) * 1e3
-            row = _row("decode", "compile_static", run, ref_model.device, floor * s.decode_tokens,
-                       context=ctx, tokens=s.decode_tokens, compile_s=compile_s)
-        except Exception as e:
-            row = {"stage": "decode", "provider": "compile_static", "context": ctx,
-                   "error": f"{type(e).__name__}: {e}"[:300]}
-        if "ms" in row:
-            row["tokens_per_s"] = s.decode_tokens / (row["ms"] * 1e-3)
-        rows.append(row)
-    return rows
+    return _each("interleaved", models, lambda name, m: [
+        _row("interleaved", name,
+             lambda: _interleaved(m, s.interleaved_tokens, s.interleaved_images, s.t2i_steps),
+             m.device, None, tokens=s.interleaved_tokens, images=s.interleaved_images)])
 
 
 RUNNERS = {"vision": bench_vision, "prefill": bench_prefill, "decode": bench_decode,
