@@ -220,20 +220,21 @@ _PLANS = plan_cache()  # (max_seqlen_q, B, Hq, Hkv, D, dtype) -> _meta(...)
 def _launch(write_kernel, attn_kernel, q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
             sm_scale, out, plan):
     write_grid, write_meta, attn_grid, attn_meta = plan
-    kcs, vcs = k_cache.stride(), v_cache.stride()
+    qs, ks, vs, kcs, vcs, outs = q.stride(), k.stride(), v.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+    scs, sss = cos.stride()[0], sin.stride()[0]
     write_kernel[write_grid](
         k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
         k.shape[1],
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ks[0], ks[1], vs[0], vs[1],
         kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
-        cos.stride(0), sin.stride(0),
+        scs, sss,
         **write_meta,
     )
     attn_kernel[attn_grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
         sm_scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
-        out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
+        qs[0], qs[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
+        outs[0], outs[1], scs, sss,
         **attn_meta,
     )
 

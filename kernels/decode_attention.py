@@ -344,12 +344,12 @@ def _launch(kernel, reduce_kernel, q, k, v, k_cache, v_cache, cache_lens, slot_i
         o_part, lse_part, so, sl = out, out, (0, 0, 0), (0, 0)
     else:
         so, sl = o_part.stride(), lse_part.stride()
-    kcs, vcs, outs = k_cache.stride(), v_cache.stride(), out.stride()
+    qs, ks, vs, kcs, vcs, outs = q.stride(), k.stride(), v.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     kernel[grid](
         q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, o_part, lse_part, out,
         sm_scale * 1.4426950408889634, splits,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2], cos.stride(0), sin.stride(0),
+        qs[0], qs[1], ks[0], ks[1], vs[0], vs[1],
+        kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2], cos.stride()[0], sin.stride()[0],
         so[0], so[1], so[2], sl[0], sl[1], outs[0], outs[1],
         **meta,
     )
