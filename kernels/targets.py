@@ -1,13 +1,14 @@
 """Compile every kernel for sm_90 and sm_80 at the engine's 7B call sites, without a GPU.
 
-    python -m dreamllm_fast.kernels.targets [--arch 90 80] [--dtype bf16 fp16] [--jobs 2]
+    python -m dreamllm_fast.kernels.targets [--arch 90 80] [--dtype bf16 fp16] [--jobs N]
                                             [--typing triton inductor] [--extra FILE.py] [--json OUT]
 
 1. Record: the engine's own code (``LlamaRunner`` prefill and decode, ``dream_projection``) runs
    once per call site on meta tensors at the released 7B shapes with every kernel's ``run``
    replaced by a recorder, so constexprs, dtypes, strides, grids, warps and stages are exactly
    what the launchers choose (plans use the target's SM count: 132 for sm_90, 108 for sm_80).
-   Decode attention is recorded under every ``DecodeConfig`` in ``CONFIGS``.
+   Decode attention runs with its default config in every dtype, and with every candidate in
+   ``CONFIGS`` in bf16 on sm_90 (the fleet's GPU, where a GPU session may switch the default).
 2. Compile: each distinct launch goes through Triton's own ``JITFunction.run(..., warmup=True)``
    under a stand-in driver that reports the target and launches nothing, then ``ptxas -v`` from
    the Triton wheel reads registers and spills; shared memory is Triton's launch-time figure.
@@ -18,7 +19,7 @@ The ``inductor`` typing pass retypes float scalars fp64 and integer scalars i64 
 does for user-defined Triton kernels (torch 2.11-2.14 ``signature_of``: Python floats are fp64 on
 devices with fp64), the typing that broke decode attention under torch.compile on the 2026-11-23
 H100 run. Needs ``TRITON_INTERPRET`` unset. Triton's cache (~/.triton) and a ptxas-stats cache make
-a second run fast; a cold run is ~65 compiles (about 95 s of CPU here).
+a second run fast; a cold run is ~67 compiles (about 85 s of CPU on the 2-core CI machine).
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def _engine_sites(site, dtype, configs):
     from .. import kernels as K
     from ..config import DreamLLMConfig
     from ..engine.llm import KVCache, LlamaRunner, LlamaWeights
+    from ._utils import clear_plans
 
     cfg = DreamLLMConfig.from_name("dreamllm-7b")
     lc = cfg.llm
@@ -137,8 +139,6 @@ def _engine_sites(site, dtype, configs):
     try:
         for c in configs:
             dmod.DEFAULT_CONFIG = c  # the engine calls with the default; record every candidate
-            from ._utils import clear_plans
-
             clear_plans()
             for B in DECODE_BATCHES:
                 site["name"] = f"decode B={B} {c.variant}/{c.block_n}/w{c.num_warps}/s{c.num_stages}"
@@ -396,7 +396,7 @@ def main(argv=None):
                    help="scalar argument typing: Triton's own (fp32/i32), Inductor's (fp64/i64)")
     p.add_argument("--extra", nargs="*", default=[], help="python files whose launches() adds kernel launches")
     p.add_argument("--no-engine", action="store_true", help="only the --extra launches")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--shard", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
