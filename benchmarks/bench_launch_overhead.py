@@ -4,10 +4,12 @@ Two measurements (``--mode``):
 
 - ``host`` (any machine, no GPU needed): the Python work per call up to the Triton launcher. Every
   kernel's ``run`` is replaced by a no-op stub and the op is called through the public dispatcher
-  on real CPU tensors at the 7B shapes, with launch plans made for an H100 (132 SMs). This is
-  the project's own per-call cost (dispatch, checks, plan lookup, argument packing); Triton's
-  ``JITFunction.run`` (specialization key, cache lookup, the C launcher) comes on top and can only
-  be timed on a GPU. Needs TRITON_INTERPRET unset (re-runs itself without it otherwise).
+  on real CPU tensors at the 7B shapes, with launch plans made for an H100 (132 SMs): the
+  project's own per-call cost (dispatch, checks, plan lookup, argument packing). A second row adds
+  Triton's ``JITFunction.run`` (specialization of every argument, cache key, kernel-cache lookup,
+  grid) with only the C launcher stubbed, the kernels compiled for sm_90 by the compile-only
+  stand-in driver of kernels/targets.py. The C launcher (cuLaunchKernel) and the CUDA device and
+  stream queries come on top on a GPU. Needs TRITON_INTERPRET unset (re-runs itself without it).
 - ``gpu``: per op, the eager time per call (back-to-back calls, synchronized at the end: the host
   launch path when it bounds) beside the CUDA-graph replay time (GPU only), and the same two for
   the torch equivalent (the reference oracle, SDPA for attention). Issue 11's figures (H100,
@@ -97,22 +99,53 @@ def stubbed_kernels():
             del k.run
 
 
-def host_rows(quick):
-    """Python work per call (us) of each op up to the launcher, kernels stubbed, CPU tensors."""
+@contextlib.contextmanager
+def stubbed_launches(arch=90):
+    """Triton's whole ``JITFunction.run`` (binder, specialization key, kernel cache, grid) with only
+    the C launcher stubbed: kernels compile for ``arch`` under the compile-only stand-in driver of
+    kernels/targets.py (first call of a shape: a compile, cached by Triton), then every compiled
+    kernel's ``run`` is a no-op. Device and stream queries are the stand-in's (no torch calls)."""
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
+    from dreamllm_fast.kernels.targets import _StandInDriver
+
+    def init_handles(self):  # what loading the binary sets, minus the driver: a no-op launcher
+        if self._run is None:
+            self._run, self.function = (lambda *args: None), 0
+
+    previous = getattr(driver, "_active", None)
+    driver.set_active(_StandInDriver(arch, arch * 10 + 7))
+    saved = CompiledKernel.__dict__["_init_handles"]
+    CompiledKernel._init_handles = init_handles
+    try:
+        yield
+    finally:
+        CompiledKernel._init_handles = saved
+        driver.set_active(previous)
+
+
+def host_rows(quick, triton_run):
+    """Per call (us) of each op on CPU tensors: our Python up to the launcher (kernels stubbed), and
+    optionally with Triton's ``JITFunction.run`` included (only the C launcher stubbed)."""
     import dreamllm_fast.kernels as K
     from dreamllm_fast.kernels._utils import set_standin_sm_count
 
     set_standin_sm_count(132)  # launch plans as on an H100
     K.set_backend("triton")
+    modes = [("ours, kernels stubbed", stubbed_kernels)]
+    if triton_run:
+        modes.append(("ours + triton run(), launch stubbed (sm_90)", stubbed_launches))
     rows = []
     try:
-        with stubbed_kernels():
-            for name, (ours, _) in _cases("cpu", torch.bfloat16, quick).items():
-                try:
-                    rows.append({"op": name, "provider": "ours (kernels stubbed)", "host_us": eager_us(ours, n=2000),
-                                 "device": "cpu"})
-                except Exception as e:
-                    rows.append({"op": name, "provider": "ours (kernels stubbed)", "error": f"{type(e).__name__}: {e}"[:300]})
+        for provider, ctx in modes:
+            with ctx():
+                for name, (ours, _) in _cases("cpu", torch.bfloat16, quick).items():
+                    try:
+                        rows.append({"op": name, "provider": provider, "host_us": eager_us(ours, n=2000),
+                                     "device": "cpu"})
+                    except Exception as e:
+                        rows.append({"op": name, "provider": provider, "error": f"{type(e).__name__}: {e}"[:300]})
     finally:
         K.set_backend(None)
         set_standin_sm_count(4)
@@ -132,6 +165,8 @@ def main(argv=None, out_dir=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("host", "gpu", "both"), default=None,
                    help="default: both on a GPU machine, host otherwise")
+    p.add_argument("--triton-run", action="store_true",
+                   help="host mode: also time Triton's JITFunction.run (compiles for sm_90 first; default unless --quick)")
     args = p.parse_args(argv)
     mode = args.mode or ("both" if torch.cuda.is_available() else "host")
     if mode in ("host", "both") and os.environ.get("TRITON_INTERPRET") == "1":
@@ -140,7 +175,7 @@ def main(argv=None, out_dir=None):
                               env=env).returncode
     rows = []
     if mode in ("host", "both"):
-        rows += host_rows(args.quick)
+        rows += host_rows(args.quick, args.triton_run or not args.quick)
     if mode in ("gpu", "both"):
         if not torch.cuda.is_available():
             print("--mode gpu needs an NVIDIA GPU; none found", file=sys.stderr)

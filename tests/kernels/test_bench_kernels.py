@@ -41,7 +41,8 @@ def test_launch_overhead_host_mode_runs_without_a_gpu(tmp_path):
     """Every op's launcher runs to the (stubbed) kernel launch at the 7B shapes on CPU tensors."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_launch_overhead", "--quick", "--mode", "host",
-                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--triton-run", "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout[-3000:])
     rows = json.loads((tmp_path / "launch_overhead.json").read_text())["rows"]
@@ -50,6 +51,7 @@ def test_launch_overhead_host_mode_runs_without_a_gpu(tmp_path):
                    "dream_projection"}
     bad = [r for r in rows if "error" in r or not r.get("host_us", 0) > 0]
     assert not bad, bad
+    assert len({r["provider"] for r in rows}) == 2, "our Python alone, and with Triton's JITFunction.run"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA; none found")
