@@ -108,14 +108,14 @@ def stubbed_launches(arch=90):
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.driver import driver
 
-    from dreamllm_fast.kernels.targets import _StandInDriver
+    from dreamllm_fast.kernels.targets import StandInDriver
 
     def init_handles(self):  # what loading the binary sets, minus the driver: a no-op launcher
         if self._run is None:
             self._run, self.function = (lambda *args: None), 0
 
     previous = getattr(driver, "_active", None)
-    driver.set_active(_StandInDriver(arch, arch * 10 + 7))
+    driver.set_active(StandInDriver(arch, arch * 10 + 7))
     saved = CompiledKernel.__dict__["_init_handles"]
     CompiledKernel._init_handles = init_handles
     try:

@@ -209,7 +209,7 @@ def _load_file(path):
     return mod
 
 
-class _StandInDriver:
+class StandInDriver:
     """Reports a GPU target to Triton's JIT and launches nothing (compile only, no CUDA driver).
     The device id is per (arch, typing) so the JIT's per-device kernel caches never mix them."""
 
@@ -251,7 +251,7 @@ def compile_launch(rec: Launch, arch: int, inductor_types: bool = False):
 
     dev = arch * 10 + int(inductor_types)
     previous = getattr(driver, "_active", None)  # None: Triton creates its default driver lazily
-    driver.set_active(_StandInDriver(arch, dev))
+    driver.set_active(StandInDriver(arch, dev))
     k = rec.kernel
     log = io.StringIO()
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
