@@ -47,7 +47,8 @@ def bench_case(B, ctx, dtype, configs, copy_gbps):
     fields = dict(dtype=str(dtype).replace("torch.", ""), batch=B, context=ctx, kv_bytes=kv_bytes)
     rows = []
     for cfg in configs:
-        name = "triton" if len(configs) == 1 else f"triton[{cfg.variant}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}]"
+        tag = f"{cfg.variant}/{cfg.block_n}/w{cfg.num_warps}/s{cfg.num_stages}"
+        name = "triton" if len(configs) == 1 else f"triton[{tag}]"
         rows.append(measure(name, lambda: decode_attention(**rot.next(), out=out, config=cfg), **fields))
     views = [(it["q"][:, :, None], it["k_cache"][:, : ctx + 1].transpose(1, 2),
               it["v_cache"][:, : ctx + 1].transpose(1, 2)) for it in rot.items]

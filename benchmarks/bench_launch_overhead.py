@@ -75,7 +75,8 @@ def _cases(device, dtype, quick):
         mask = (torch.arange(L + T, device=device)[None, :] <= L + torch.arange(T, device=device)[:, None])
         cases[f"append_attention_T{T}_at{L}"] = (
             lambda a=(q, k, v, kc, vc, cu, lens, slots, cos, sin, T), out=out: K.append_attention(*a, out=out),
-            lambda sq=sq, sk=sk, sv=sv, m=mask: torch.nn.functional.scaled_dot_product_attention(sq, sk, sv, attn_mask=m))
+            lambda sq=sq, sk=sk, sv=sv, m=mask: torch.nn.functional.scaled_dot_product_attention(
+                sq, sk, sv, attn_mask=m))
     hid, rows = rnd(770 + Q + 2, H), torch.arange(770 + 1, 770 + 1 + Q, device=device)
     nw, pw = rnd(H), rnd(C, H) / 64
     cases["dream_projection_N64"] = (lambda: K.dream_projection(hid, rows, nw, pw, 1e-6),
@@ -166,7 +167,8 @@ def main(argv=None, out_dir=None):
     p.add_argument("--mode", choices=("host", "gpu", "both"), default=None,
                    help="default: both on a GPU machine, host otherwise")
     p.add_argument("--triton-run", action="store_true",
-                   help="host mode: also time Triton's JITFunction.run (compiles for sm_90 first; default unless --quick)")
+                   help="host mode: also time Triton's JITFunction.run (compiles for sm_90 first; "
+                        "default unless --quick)")
     args = p.parse_args(argv)
     mode = args.mode or ("both" if torch.cuda.is_available() else "host")
     if mode in ("host", "both") and os.environ.get("TRITON_INTERPRET") == "1":

@@ -192,7 +192,8 @@ def _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)
     assert (k.get_device() == dev and v.get_device() == dev and k_cache.get_device() == dev
             and v_cache.get_device() == dev and cache_lens.get_device() == dev and slot_ids.get_device() == dev
             and cos.get_device() == dev and sin.get_device() == dev), \
-        f"all tensors must be on one device, got {[str(t.device) for t in (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)]}"
+        f"all tensors must be on one device, got " \
+        f"{[str(t.device) for t in (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)]}"
 
 
 def _meta(max_seqlen_q: int, B: int, hq: int, hkv: int, d: int, is_fp32: bool):

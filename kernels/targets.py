@@ -179,7 +179,8 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
             extra_configs = {"all": dmod.CONFIGS if arch == 90 else (),
                              "variants": tuple(variants.values())}.get(sweep, ())
             for i, name in enumerate(dtypes):
-                configs = (dmod.DEFAULT_CONFIG,) + tuple(c for c in extra_configs if i == 0 and c != dmod.DEFAULT_CONFIG)
+                configs = (dmod.DEFAULT_CONFIG,) + tuple(c for c in extra_configs
+                                                         if i == 0 and c != dmod.DEFAULT_CONFIG)
                 _engine_sites(site, getattr(torch, _DTYPES[name]), configs)
             for m in extra_mods:
                 site["name"] = f"extra {Path(m.__file__).name}"

@@ -142,3 +142,18 @@ def test_decode_attention_cuda_graph_replay(dtype, config):
     """Capture once, poison the output, replay with cache_lens changed on device; graph == eager
     bit for bit, and both match the float64 oracle."""
     run_length_schedule([100, 1500], [7, 200], 3, 32, 128, dtype, 2048, config=config, graph=True)
+
+
+def test_bad_arguments_name_the_problem():
+    c = make_attention_case([1], [3], 2, 2, 64, torch.float32, 64)
+    args = list(_args(c))
+    with pytest.raises(AssertionError, match="int32"):
+        decode_attention(*args[:5], c["cache_lens"].long(), *args[6:])
+    with pytest.raises(AssertionError, match="num_splits must be in"):
+        decode_attention(*args, num_splits=-1)
+    with pytest.raises(AssertionError, match="variant must be"):
+        DecodeConfig("tensorcore")
+    with pytest.raises(AssertionError, match="block_n must be"):
+        DecodeConfig("mma", 48)
+    out = decode_attention(*args, num_splits=2)  # the launcher is still usable after the errors
+    assert torch.isfinite(out).all()
