@@ -50,15 +50,18 @@ def set_backend(name: str | None) -> None:
 
 
 def backend() -> str:
-    return _backend[0]
+    return _backend[0] or _env_backend()  # None: the env value was invalid at import; raise now
 
 
 def _use_triton(t) -> bool:
-    name = _backend[0]
+    name = _backend[0] or _env_backend()
     return t.is_cuda if name == "auto" else name == "triton"
 
 
-set_backend(None)
+try:
+    set_backend(None)
+except AssertionError:  # a bad DREAMLLM_KERNELS must not break `import`: the first op call reports it
+    _backend[0] = None
 
 _launchers: dict = {}
 

@@ -46,6 +46,9 @@ def test_backend_env_is_read_at_set_backend(restore_backend, monkeypatch):  # en
     monkeypatch.setenv("DREAMLLM_KERNELS", "bogus")
     with pytest.raises(AssertionError, match="DREAMLLM_KERNELS must be one of"):
         K.set_backend(None)
+    K._backend[0] = None  # what import leaves after a bad value: import works, the first op call says why
+    with pytest.raises(AssertionError, match="got 'bogus'"):
+        K.rmsnorm(x, torch.randn(64), 1e-6)
     K.set_backend("ref")
     assert not K._use_triton(torch.randn(2, device=TRITON_DEVICE or "cpu"))
     with pytest.raises(AssertionError, match="backend must be one of"):
