@@ -5,7 +5,7 @@ Public ops, dispatched on the device of their first tensor argument:
     append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
                      max_seqlen_q, sm_scale=None, out=None) -> out
     decode_attention(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
-                     num_splits=None, out=None) -> out
+                     num_splits=None, out=None, config=None) -> out
     dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None) -> out
     rmsnorm(x, weight, eps, residual=None, out=None, residual_out=None) -> normed | (normed, h)
     silu_and_mul(gate_up, out=None) -> out
@@ -14,7 +14,8 @@ Public ops, dispatched on the device of their first tensor argument:
 CUDA tensors run the Triton launcher (``<op>.py``, imported lazily on first use); anything else runs
 the torch oracle in ``reference.py`` (the CPU fallback). ``DREAMLLM_KERNELS=triton`` forces Triton
 (interpreter-mode tests on CPU tensors), ``DREAMLLM_KERNELS=ref`` forces the references; ``auto``
-(default) dispatches on device. ``set_backend()`` does the same from code.
+(default) dispatches on device. The variable is read at import and by ``set_backend(None)``;
+``set_backend(name)`` overrides it from code.
 
 Importing this package imports only torch and ``reference.py``.
 """
@@ -32,26 +33,35 @@ __all__ = ["append_attention", "decode_attention", "dream_projection", "rmsnorm"
            "rope_cos_sin", "set_backend", "backend"]
 
 _BACKENDS = ("auto", "triton", "ref")
-_backend_override: str | None = None
+_backend = ["auto"]  # one cell, read by every call: os.environ.get measured 2 us per call here
 
 
-def set_backend(name: str | None) -> None:
-    """Force 'triton' or 'ref' for every op, 'auto' to dispatch on device, None to follow the env."""
-    global _backend_override
-    assert name is None or name in _BACKENDS, f"backend must be one of {_BACKENDS} or None, got {name!r}"
-    _backend_override = name
-
-
-def backend() -> str:
-    name = _backend_override or os.environ.get("DREAMLLM_KERNELS", "auto").lower()
+def _env_backend() -> str:
+    name = os.environ.get("DREAMLLM_KERNELS", "auto").lower()
     assert name in _BACKENDS, f"DREAMLLM_KERNELS must be one of {_BACKENDS}, got {name!r}"
     return name
 
 
+def set_backend(name: str | None) -> None:
+    """Force 'triton' or 'ref' for every op, 'auto' to dispatch on device, None to (re-)read the
+    DREAMLLM_KERNELS environment variable (read once at import otherwise)."""
+    assert name is None or name in _BACKENDS, f"backend must be one of {_BACKENDS} or None, got {name!r}"
+    _backend[0] = _env_backend() if name is None else name
+
+
+def backend() -> str:
+    return _backend[0] or _env_backend()  # None: the env value was invalid at import; raise now
+
+
 def _use_triton(t) -> bool:
-    name = backend()
+    name = _backend[0] or _env_backend()
     return t.is_cuda if name == "auto" else name == "triton"
 
+
+try:
+    set_backend(None)
+except AssertionError:  # a bad DREAMLLM_KERNELS must not break `import`: the first op call reports it
+    _backend[0] = None
 
 _launchers: dict = {}
 
@@ -72,10 +82,10 @@ def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_i
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
-                     num_splits=None, out=None):
+                     num_splits=None, out=None, config=None):
     fn = _launcher("decode_attention") if _use_triton(q) else _ref.decode_attention_ref
     return fn(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=sm_scale,
-              num_splits=num_splits, out=out)
+              num_splits=num_splits, out=out, config=config)
 
 
 def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, jit, launch, next_pow2, register_triton_op
+from ._utils import cdiv, is_interpret, is_tracing, next_pow2, plan_cache, register_triton_op, wrap
 
 
 @triton.jit
@@ -124,6 +124,7 @@ def _append_attention_kernel(
     DOT_PREC: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
     HEAD_DIM: tl.constexpr = 2 * HALF
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor types Python floats fp64: keep m_i/l_i fp32
     pid_m = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -172,6 +173,8 @@ def _append_attention_kernel(
 
 
 def _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin):
+    """Shape/dtype/layout/device preconditions shared by append and decode (about 3 us here: ints
+    and tuples only, ``get_device()`` instead of building torch.device objects)."""
     total, hq, d = q.shape
     hkv = k.shape[1]
     assert d in (64, 128), f"head_dim must be 64 or 128, got {d}"
@@ -180,36 +183,24 @@ def _check_cache_args(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)
     assert k_cache.dim() == 4 and k_cache.shape[2:] == (hkv, d), f"k_cache must be [slots, max_seq, {hkv}, {d}], got {tuple(k_cache.shape)}"
     assert v_cache.shape == k_cache.shape, "v_cache must match k_cache"
     assert k_cache.dtype == v_cache.dtype == k.dtype == v.dtype == q.dtype, "q, k, v and the caches must share one dtype"
-    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        assert t.stride(-1) == 1, f"{name} must have a contiguous last dim"
+    assert q.stride()[-1] == k.stride()[-1] == v.stride()[-1] == k_cache.stride()[-1] == v_cache.stride()[-1] == 1, \
+        "q, k, v, k_cache and v_cache must have a contiguous last dim"
     assert cos.shape == sin.shape and cos.shape[-1] == d // 2, f"cos/sin must be [max_pos, {d // 2}]"
-    assert cos.dtype == sin.dtype == torch.float32 and cos.stride(-1) == 1 and sin.stride(-1) == 1, "cos/sin must be fp32, last dim contiguous"
+    assert cos.dtype == sin.dtype == torch.float32 and cos.stride()[-1] == sin.stride()[-1] == 1, "cos/sin must be fp32, last dim contiguous"
     assert cache_lens.dtype == slot_ids.dtype == torch.int32, "cache_lens and slot_ids must be int32"
-    devs = {t.device for t in (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)}
-    assert len(devs) == 1, f"all tensors must be on one device, got {devs}"
+    dev = q.get_device()  # -1 on the CPU
+    assert (k.get_device() == dev and v.get_device() == dev and k_cache.get_device() == dev
+            and v_cache.get_device() == dev and cache_lens.get_device() == dev and slot_ids.get_device() == dev
+            and cos.get_device() == dev and sin.get_device() == dev), \
+        f"all tensors must be on one device, got " \
+        f"{[str(t.device) for t in (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)]}"
 
 
-@register_triton_op("append_attention", mutates_args=("k_cache", "v_cache", "out"))
-def _append_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                             v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_lens: torch.Tensor,
-                             slot_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, max_seqlen_q: int,
-                             sm_scale: float, out: torch.Tensor) -> None:
-    total, hq, d = q.shape
-    hkv = k.shape[1]
-    B = cache_lens.shape[0]
+def _meta(max_seqlen_q: int, B: int, hq: int, hkv: int, d: int, is_fp32: bool):
+    """(write grid, write meta, attention grid, attention meta) from shapes only."""
     interp = is_interpret()
     block_t = 16 if interp else 32
-    jit(_rope_cache_write_kernel)[(triton.cdiv(max_seqlen_q, block_t), B)](
-        k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
-        hkv,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        cos.stride(0), sin.stride(0),
-        HALF=d // 2, BLOCK_T=block_t, IS_INTERPRET=interp, num_warps=4,
-    )
-
-    is_fp32 = q.dtype == torch.float32
+    write_meta = dict(HALF=d // 2, BLOCK_T=block_t, IS_INTERPRET=interp, num_warps=4)
     if interp:  # fewer, larger numpy ops: the interpreter's cost is per op, not per element
         block_m, block_n, warps, stages = min(64, max(16, next_pow2(max_seqlen_q))), 64, 4, 1
     elif is_fp32:  # test-only path: ieee fp32 MMA, smaller tiles to fit shared memory
@@ -219,18 +210,44 @@ def _append_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         block_n = 64
         warps = 8 if (block_m == 128 and d == 128) else 4
         stages = 3
-    grid = (triton.cdiv(max_seqlen_q, block_m), B, hq)
-    jit(_append_attention_kernel)[grid](
+    attn_meta = dict(GROUP=hq // hkv, HALF=d // 2, BLOCK_M=block_m, BLOCK_N=block_n,
+                     DOT_PREC="ieee" if is_fp32 else "tf32", IS_INTERPRET=interp, num_warps=warps, num_stages=stages)
+    return (cdiv(max_seqlen_q, block_t), B), write_meta, (cdiv(max_seqlen_q, block_m), B, hq), attn_meta
+
+
+_PLANS = plan_cache()  # (max_seqlen_q, B, Hq, Hkv, D, dtype) -> _meta(...)
+
+
+def _launch(write_kernel, attn_kernel, q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+            sm_scale, out, plan):
+    write_grid, write_meta, attn_grid, attn_meta = plan
+    qs, ks, vs, kcs, vcs, outs = q.stride(), k.stride(), v.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+    scs, sss = cos.stride()[0], sin.stride()[0]
+    write_kernel[write_grid](
+        k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+        k.shape[1],
+        ks[0], ks[1], vs[0], vs[1],
+        kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
+        scs, sss,
+        **write_meta,
+    )
+    attn_kernel[attn_grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
         sm_scale * 1.4426950408889634,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),
-        GROUP=hq // hkv, HALF=d // 2, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PREC="ieee" if is_fp32 else "tf32", IS_INTERPRET=interp,
-        num_warps=warps, num_stages=stages,
+        qs[0], qs[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
+        outs[0], outs[1], scs, sss,
+        **attn_meta,
     )
+
+
+@register_triton_op("append_attention", mutates_args=("k_cache", "v_cache", "out"))
+def _append_attention_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_lens: torch.Tensor,
+                             slot_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, max_seqlen_q: int,
+                             sm_scale: float, out: torch.Tensor) -> None:
+    plan = _meta(max_seqlen_q, cache_lens.shape[0], q.shape[1], k.shape[1], q.shape[2], q.dtype == torch.float32)
+    _launch(wrap(_rope_cache_write_kernel), wrap(_append_attention_kernel), q, k, v, k_cache, v_cache,
+            cu_seqlens_q, cache_lens, slot_ids, cos, sin, sm_scale, out, plan)
 
 
 def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
@@ -258,6 +275,14 @@ def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_i
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
     if total == 0 or B == 0 or max_seqlen_q == 0:
         return out
-    launch(_append_attention_launch, q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
-           max_seqlen_q, sm_scale, out)
+    if is_tracing(q):
+        _append_attention_traced.op(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
+                                    max_seqlen_q, sm_scale, out)
+        return out
+    key = (max_seqlen_q, B, hq, hkv, d, q.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _meta(max_seqlen_q, B, hq, hkv, d, q.dtype == torch.float32)
+    _launch(_rope_cache_write_kernel, _append_attention_kernel, q, k, v, k_cache, v_cache, cu_seqlens_q,
+            cache_lens, slot_ids, cos, sin, sm_scale, out, plan)
     return out

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, jit, launch, next_pow2, num_sms, register_triton_op
+from ._utils import cdiv, is_interpret, is_tracing, next_pow2, num_sms, plan_cache, register_triton_op, wrap
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def _dream_projection_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # Inductor types Python floats fp64 (torch 2.11-2.14)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,16 +62,9 @@ def _dream_projection_kernel(
     tl.store(op, cast_rne(acc, out_ptr.dtype.element_ty, IS_INTERPRET), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@register_triton_op("dream_projection", mutates_args=("out",))
-def _dream_projection_launch(hidden: torch.Tensor, rows: torch.Tensor, norm_weight: torch.Tensor,
-                             proj_weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    T, H = hidden.shape
-    C = proj_weight.shape[0]
-    N = rows.shape[0]
-    if N == 0:
-        return
+def _meta(N: int, C: int, is_fp32: bool, sms: int):
+    """(grid, constexprs/options) for N rows and C outputs (shapes and the SM count only)."""
     interp = is_interpret()
-    is_fp32 = hidden.dtype == torch.float32
     block_m = max(16, min(64, next_pow2(N)))
     if interp:
         block_c, block_k = min(64, max(16, next_pow2(C))), 64
@@ -79,17 +73,28 @@ def _dream_projection_launch(hidden: torch.Tensor, rows: torch.Tensor, norm_weig
         block_k = 64 if is_fp32 else 128
         block_c = 16
         for bc in (64, 32):
-            if triton.cdiv(N, block_m) * triton.cdiv(C, bc) >= num_sms(hidden.device):
+            if cdiv(N, block_m) * cdiv(C, bc) >= sms:
                 block_c = bc
                 break
-    grid = (triton.cdiv(N, block_m), triton.cdiv(C, block_c))
-    jit(_dream_projection_kernel)[grid](
-        hidden, rows, norm_weight, proj_weight, out,
-        N, H, C, eps,
-        hidden.stride(0), proj_weight.stride(0), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PREC="ieee" if is_fp32 else "tf32",
-        IS_INTERPRET=interp, num_warps=4, num_stages=3 if not interp else 1,
-    )
+    grid = (cdiv(N, block_m), cdiv(C, block_c))
+    return grid, dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, DOT_PREC="ieee" if is_fp32 else "tf32",
+                      IS_INTERPRET=interp, num_warps=4, num_stages=3 if not interp else 1)
+
+
+_PLANS = plan_cache()  # (N, C, dtype, device) -> (grid, meta)
+
+
+def _launch(kernel, hidden, rows, norm_weight, proj_weight, eps, out, plan):
+    H = hidden.shape[1]
+    kernel[plan[0]](hidden, rows, norm_weight, proj_weight, out, rows.shape[0], H, proj_weight.shape[0], eps,
+                    hidden.stride(0), proj_weight.stride(0), out.stride(0), out.stride(1), **plan[1])
+
+
+@register_triton_op("dream_projection", mutates_args=("out",))
+def _dream_projection_traced(hidden: torch.Tensor, rows: torch.Tensor, norm_weight: torch.Tensor,
+                             proj_weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    plan = _meta(rows.shape[0], proj_weight.shape[0], hidden.dtype == torch.float32, num_sms(hidden.device))
+    _launch(wrap(_dream_projection_kernel), hidden, rows, norm_weight, proj_weight, eps, out, plan)
 
 
 def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):
@@ -107,12 +112,20 @@ def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):
     assert norm_weight.shape == (H,) and norm_weight.stride(-1) == 1, f"norm_weight must be [{H}]"
     assert proj_weight.shape == (C, H) and proj_weight.stride(-1) == 1, f"proj_weight must be [C, {H}], last dim contiguous"
     assert proj_weight.dtype == hidden.dtype, "proj_weight must have hidden's dtype"
-    assert len({t.device for t in (hidden, rows, norm_weight, proj_weight)}) == 1, "all tensors on one device"
+    dev = hidden.device
+    assert rows.device == dev and norm_weight.device == dev and proj_weight.device == dev, "all tensors on one device"
     N = rows.shape[0]
     if out is None:
-        out = torch.empty(N, C, dtype=hidden.dtype, device=hidden.device)
+        out = torch.empty(N, C, dtype=hidden.dtype, device=dev)
     assert out.shape == (N, C) and out.dtype == hidden.dtype, f"out must be [{N}, {C}] in hidden's dtype"
     if N == 0:
         return out
-    launch(_dream_projection_launch, hidden, rows, norm_weight, proj_weight, float(eps), out)
+    if is_tracing(hidden):
+        _dream_projection_traced.op(hidden, rows, norm_weight, proj_weight, float(eps), out)
+        return out
+    key = (N, C, hidden.dtype, dev)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _meta(N, C, hidden.dtype == torch.float32, num_sms(dev))
+    _launch(_dream_projection_kernel, hidden, rows, norm_weight, proj_weight, float(eps), out, plan)
     return out

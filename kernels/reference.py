@@ -116,12 +116,12 @@ def append_attention_ref(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, sl
 
 
 def decode_attention_ref(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
-                         num_splits=None, out=None):
+                         num_splits=None, out=None, config=None):
     """One new token per sequence (oracle and CPU fallback).
 
     q: [B, Hq, D]; k, v: [B, Hkv, D]; the new token of sequence b sits at position cache_lens[b]
     and attends to cache positions [0, cache_lens[b]]. k_cache/v_cache: [num_slots, max_seq, Hkv, D]
-    (mutated at that position). cache_lens is NOT incremented. num_splits is ignored.
+    (mutated at that position). cache_lens is NOT incremented. num_splits and config are ignored.
     Returns out: [B, Hq, D] in q's dtype.
     """
     b = q.shape[0]

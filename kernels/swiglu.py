@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast_rne
-from ._utils import is_interpret, jit, launch, next_pow2, register_triton_op
+from ._utils import cdiv, is_interpret, is_tracing, next_pow2, plan_cache, register_triton_op, wrap
 
 
 @triton.jit
@@ -27,15 +27,29 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * stride_out + cols, cast_rne(y, out_ptr.dtype.element_ty, IS_INTERPRET), mask=mask)
 
 
-@register_triton_op("silu_and_mul", mutates_args=("out",))
-def _silu_and_mul_launch(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+def _meta(F: int):
+    """(column programs, constexprs/options) for F output columns."""
+    block = min(1024, next_pow2(F))
+    return cdiv(F, block), dict(BLOCK_F=block, IS_INTERPRET=is_interpret(), num_warps=4)
+
+
+_PLANS = plan_cache()  # F -> (column programs, meta)
+
+
+def _launch(kernel, gate_up, out, plan):
     F = out.shape[-1]
-    x2, o2 = gate_up.view(-1, 2 * F), out.view(-1, F)
-    BLOCK_F = min(1024, next_pow2(F))
-    if x2.shape[0] > 0:
-        jit(_silu_and_mul_kernel)[(x2.shape[0], triton.cdiv(F, BLOCK_F))](
-            x2, o2, F, x2.stride(0), o2.stride(0), BLOCK_F=BLOCK_F, IS_INTERPRET=is_interpret(), num_warps=4,
-        )
+    if gate_up.dim() == 2:
+        rows, s_gu, s_out = gate_up.shape[0], gate_up.stride(0), out.stride(0)
+    else:
+        x2, o2 = gate_up.view(-1, 2 * F), out.view(-1, F)
+        rows, s_gu, s_out = x2.shape[0], x2.stride(0), o2.stride(0)
+    if rows > 0:
+        kernel[(rows, plan[0])](gate_up, out, F, s_gu, s_out, **plan[1])
+
+
+@register_triton_op("silu_and_mul", mutates_args=("out",))
+def _silu_and_mul_traced(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    _launch(wrap(_silu_and_mul_kernel), gate_up, out, _meta(out.shape[-1]))
 
 
 def silu_and_mul(gate_up, out=None):
@@ -47,5 +61,11 @@ def silu_and_mul(gate_up, out=None):
         out = torch.empty(*gate_up.shape[:-1], F, dtype=gate_up.dtype, device=gate_up.device)
     assert out.shape == (*gate_up.shape[:-1], F) and out.stride(-1) == 1, "out must be [T, F], last dim contiguous"
     assert out.dtype == gate_up.dtype, "out must have gate_up's dtype"
-    launch(_silu_and_mul_launch, gate_up, out)
+    if is_tracing(gate_up):
+        _silu_and_mul_traced.op(gate_up, out)
+    else:
+        plan = _PLANS.get(F)
+        if plan is None:
+            plan = _PLANS[F] = _meta(F)
+        _launch(_silu_and_mul_kernel, gate_up, out, plan)
     return out

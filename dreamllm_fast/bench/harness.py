@@ -260,4 +260,64 @@ def timed_row(provider, fn, **fields):
         return {"provider": provider, "error": f"{type(e).__name__}: {e}"[:300], **fields}
 
 
+
+def eager_us(fn, n: int = 200, warmup: int = 5) -> float:
+    """Mean time per call (us) of n back-to-back eager calls, synchronized once at the end: the host
+    launch path or the GPU time, whichever bounds the loop. Off CUDA: plain wall time."""
+    import time
+
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time per call (us) inside one CUDA graph of `calls` back-to-back calls, timed with CUDA
+    events over `replays` replays after an untimed one. Warm-up (JIT compile, launch plans,
+    scratch) runs eagerly on a side stream before the capture, as the engine does."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA-graph timing needs an NVIDIA GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
+
+
+def eager_and_graph_row(provider, fn, n: int = 200, **fields) -> dict:
+    """A result row with eager_us and graph_us side by side. Each measurement fails on its own: the
+    error goes into eager_error/graph_error and the other figure is kept (off CUDA graph_error
+    says so), so one failing provider never ends a benchmark."""
+    row = {"provider": provider, **fields}
+    try:
+        row["eager_us"] = eager_us(fn, n)
+    except Exception as e:
+        row["eager_error"] = f"{type(e).__name__}: {e}"[:300]
+    try:
+        row["graph_us"] = graph_us(fn)
+    except Exception as e:
+        row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -4,7 +4,9 @@ Imported as a plain module (pytest's default ``prepend`` import mode puts this f
 tests/ has no __init__.py).
 """
 import math
+import os
 
+import pytest
 import torch
 
 try:  # tests/ on sys.path (conftest.py's folder, no __init__.py)
@@ -14,9 +16,15 @@ except ImportError:  # tests/ became a package
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Where a Triton kernel can run: CUDA tensors on a GPU machine; CPU tensors only in interpreter mode
+# (tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is present). Forcing Triton onto CPU tensors
+# without the interpreter fails with "Pointer argument cannot be accessed from Triton (cpu tensor?)".
+TRITON_DEVICE = "cuda" if HAS_CUDA else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+requires_triton_device = pytest.mark.skipif(
+    TRITON_DEVICE is None, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter); neither here")
 
-__all__ = ["ATOL_RTOL", "NOISE_FLOOR", "DEVICE", "HAS_CUDA", "assert_close_to_ref", "make_attention_case",
-           "naive_attention64", "cast_case"]
+__all__ = ["ATOL_RTOL", "NOISE_FLOOR", "DEVICE", "HAS_CUDA", "TRITON_DEVICE", "requires_triton_device",
+           "assert_close_to_ref", "make_attention_case", "naive_attention64", "cast_case"]
 
 
 def assert_close_to_ref(name, got, ref64, lowp, dtype, floor=None):
@@ -32,11 +40,18 @@ def assert_close_to_ref(name, got, ref64, lowp, dtype, floor=None):
     assert err.max().item() <= bound, f"{name}: max err {err.max().item():.3e} > bound {bound:.3e}"
 
 
-def make_attention_case(q_lens, cache_lens, hq, hkv, d, dtype, max_seq, device=DEVICE, seed=0):
+def make_attention_case(q_lens, cache_lens, hq, hkv, d, dtype, max_seq, device=DEVICE, seed=0, valid_lens=None):
     """Packed append/decode inputs with NaN-poisoned caches beyond each valid prefix.
 
+    The valid prefix of sequence b holds random keys/values at positions [0, valid_lens[b])
+    (default: cache_lens[b]); everything past it is NaN. A test that later advances cache_lens on
+    the device (CUDA-graph replays) must pass valid_lens >= the largest length it will attend to,
+    or the kernel reads poison (issue 10: every replayed output was NaN for that reason).
     Slots are assigned in reverse order, plus one extra slot that no sequence uses (stays all NaN).
     """
+    valid_lens = list(cache_lens) if valid_lens is None else list(valid_lens)
+    assert len(valid_lens) == len(cache_lens) and all(v >= c for v, c in zip(valid_lens, cache_lens)), \
+        "valid_lens must cover cache_lens"
     g = torch.Generator(device="cpu").manual_seed(seed)
     b = len(q_lens)
     total = sum(q_lens)
@@ -49,7 +64,7 @@ def make_attention_case(q_lens, cache_lens, hq, hkv, d, dtype, max_seq, device=D
     k_cache = torch.full((num_slots, max_seq, hkv, d), float("nan"), dtype=dtype, device=device)
     v_cache = torch.full_like(k_cache, float("nan"))
     slot_ids = torch.arange(b, 0, -1, dtype=torch.int32)  # slot 0 is never used
-    for i, L in enumerate(cache_lens):
+    for i, L in enumerate(valid_lens):
         s = int(slot_ids[i])
         k_cache[s, :L] = rnd(L, hkv, d)
         v_cache[s, :L] = rnd(L, hkv, d)
