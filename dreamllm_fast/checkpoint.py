@@ -368,6 +368,23 @@ def load_on_device(module: "torch.nn.Module", state: dict, device, dtype, what: 
     return module.eval()
 
 
+def load_clip_on_device(clip: "torch.nn.Module", state: dict, device, dtype):
+    """`load_on_device` for a CLIPVisionModel built on meta (whole or truncated): takes the state's
+    tensors the module has, and rebuilds `position_ids`, a non-persistent buffer the checkpoint does
+    not carry."""
+    keys = set(clip.state_dict())
+    missing = keys - set(state)
+    if missing:
+        raise CheckpointError(f"CLIP weights missing: {sorted(missing)[:3]}")
+    vm = getattr(clip, "vision_model", clip)  # transformers 4.x nests it; 5.x flattens it
+    emb = vm.embeddings
+    if getattr(emb, "position_ids", None) is not None:
+        emb.register_buffer("position_ids", torch.arange(emb.position_ids.shape[-1], device=device)[None],
+                            persistent=False)
+    return load_on_device(clip, {k: v for k, v in state.items() if k in keys}, device, dtype,
+                          "CLIP vision tower")
+
+
 def build_diffusion_modules(config: DreamLLMConfig, unet_state: dict, vae_state: dict,
                             device="cpu", dtype=torch.float32):
     """The diffusers U-Net and VAE with these weights, built on meta and assigned on `device`."""

@@ -4,8 +4,15 @@
   row, fused dream projection); sessions are slots of the static cache, handed out from a free list.
 - Single-token `extend` runs the decode step: a replayed CUDA graph on CUDA (`CudaGraphRunner`),
   the same function eagerly on the CPU (reference ops, no graphs).
+- Every multi-token pass (prompt prefill, dream branch, image feedback, [uncond; cond] pair) goes
+  through `PrefillRunner`: chunks of at most `EngineConfig.prefill_chunk` tokens, each padded to a
+  length bucket and replayed from the bucket's captured graph on CUDA (the same bucketed step runs
+  eagerly without graphs). All graphs share one memory pool; `graph_memory` reports it.
+- `graph_backend`: real CUDA graphs by default on CUDA; `engine.graphs.StandInGraphs` runs the whole
+  capture/replay path without a driver (CPU tests, fake-CUDA checks in engine/check7b.py).
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
+  Modules are built on meta and assigned on the device (no random init, no module.to()).
 - Diffusion: diffusers' U-Net and VAE, eager (the export backends replace them in the pipeline).
 
 Errors: a request that would overflow the context raises ContextOverflowError before any work;
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
-from ..checkpoint import Checkpoint, build_diffusion_modules, load_on_device
+from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
@@ -63,17 +70,7 @@ def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
         raise ValueError(f"select_layer {s} out of range for a {n}-layer CLIP tower")
     vm.encoder.layers = vm.encoder.layers[:keep]
     vm.post_layernorm = nn.Identity()
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip.state_dict()) else ""
-    dropped = tuple(f"{prefix}encoder.layers.{i}." for i in range(keep, n)) + (f"{prefix}post_layernorm.",)
-    state = {k: v for k, v in ckpt.clip.items() if not k.startswith(dropped)}
-    missing = set(clip.state_dict()) - set(state)
-    if missing:
-        raise RuntimeError(f"CLIP weights missing: {sorted(missing)[:3]}")
-    emb = vm.embeddings  # position_ids: a non-persistent buffer, not in the checkpoint
-    if getattr(emb, "position_ids", None) is not None:
-        emb.register_buffer("position_ids", torch.arange(emb.position_ids.shape[-1], device=device)[None],
-                            persistent=False)
-    return load_on_device(clip, state, device, dtype, "CLIP vision tower")
+    return load_clip_on_device(clip, ckpt.clip, device, dtype)  # the cut layers are never loaded
 
 
 class EngineModel(EagerDiffusionHead):

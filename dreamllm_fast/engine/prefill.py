@@ -53,13 +53,17 @@ def bucket_gap(buckets: Sequence[int]) -> int:
     return max(hi - lo for lo, hi in zip([0] + b[:-1], b)) if b else 0
 
 
-def _to_device(values: list, dtype, device) -> torch.Tensor:
-    """Host ints -> device tensor in one copy; pinned + non_blocking on a real GPU (the caching host
-    allocator keeps the pinned block until the copy has run), so the host never waits."""
+def _host(values: list, dtype, device) -> torch.Tensor:
+    """Host ints as a tensor to copy to `device`: pinned on a real GPU, so that a non_blocking copy
+    never waits for the GPU (the caching host allocator keeps the block until the copy has run)."""
     host = torch.tensor(values, dtype=dtype)
     if torch.device(device).type == "cuda" and torch.cuda.is_available() and not is_tracing():
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        return host.pin_memory()
+    return host
+
+
+def _to_device(values: list, dtype, device) -> torch.Tensor:
+    return _host(values, dtype, device).to(device, non_blocking=True)
 
 
 class PrefillRunner:
@@ -109,12 +113,13 @@ class PrefillRunner:
             cu.append(cu[-1] + n)
         cu += [cu[-1]] * (B + 1 - len(cu))
         pad = B - len(cache_lens)
-        self.meta.copy_(_to_device(cu + list(cache_lens) + [0] * pad + list(slots) + [self.scratch_slot] * pad,
-                                   torch.int32, self.device), non_blocking=True)
+        self.meta.copy_(_host(cu + list(cache_lens) + [0] * pad + list(slots) + [self.scratch_slot] * pad,
+                              torch.int32, self.device), non_blocking=True)
 
     def prepare(self, pieces: Sequence[torch.Tensor], cache_lens: Sequence[int], slots: Sequence[int]) -> int:
         """Pack one pass (pieces[i]: [n_i, H] appended at cache_lens[i] of slots[i]) into the static
         buffers, padded to its bucket; returns the bucket size T."""
+        assert len(pieces) <= self.max_seqs, f"{len(pieces)} sequences in one pass, room for {self.max_seqs}"
         n = sum(p.shape[0] for p in pieces)
         T = self.bucket(n)
         off = 0
