@@ -37,7 +37,7 @@ from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from .cuda_graph import CudaGraphRunner
 from .graphs import CudaGraphs
-from .llm import KVCache, LlamaRunner, LlamaWeights
+from .llm import KVCache, LlamaRunner, LlamaWeights, round_up
 from .prefill import PrefillRunner, bucket_gap
 
 log = logging.getLogger("dreamllm_fast.engine")
@@ -97,12 +97,16 @@ class EngineModel(EagerDiffusionHead):
         lc = cfg.llm
         self.max_len = min(lc.max_position_embeddings, ec.max_seq or lc.max_position_embeddings)
         self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype)
+        # buckets past the context are never needed: the context (rounded up to 8) replaces them
+        buckets = [b for b in ec.prefill_buckets if b < self.max_len]
+        if len(buckets) < len(ec.prefill_buckets):
+            buckets.append(round_up(self.max_len, 8))
         # scratch positions: decode pads at position 0, a bucketed pass pads < the bucket gap
         self.cache = KVCache(lc, ec.max_batch, self.max_len, self.device, self.dtype,
-                             scratch_len=max(1, bucket_gap(ec.prefill_buckets)))
+                             scratch_len=max(1, bucket_gap(buckets)))
         self.llm = LlamaRunner(lc, self.weights, self.cache, self.device)
-        self.prefill = PrefillRunner(self.llm, ec.prefill_buckets, ec.prefill_chunk, ec.max_batch,
-                                     self.device, self.dtype)
+        chunk = min(ec.prefill_chunk or buckets[-1], buckets[-1]) if buckets else ec.prefill_chunk
+        self.prefill = PrefillRunner(self.llm, buckets, chunk, ec.max_batch, self.device, self.dtype)
         self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
         self._arange = torch.arange(self.max_len, device=self.device)  # row ids of gathered hidden rows
 

@@ -221,3 +221,11 @@ def test_wrong_embedding_width_is_a_clear_error_and_frees_the_slot(bucketed):
         s.extend(torch.zeros(4, 129))
     assert sorted(m._free) == list(range(m.engine_config.max_batch))
     assert torch.isfinite(_extend(m, [_emb(m, 6)])).all()  # still usable
+
+
+def test_buckets_past_the_context_are_dropped(ckpt):
+    m = _engine(ckpt, prefill_buckets=(8, 16, 64, 128, 256), max_seq=40)
+    assert m.prefill.buckets == [8, 16, 40] and m.prefill.chunk == 40  # the context replaces 64..256
+    assert m.cache.scratch_len == 24  # the largest gap, 16 -> 40
+    for n in (17, 40):
+        assert torch.isfinite(_extend(m, [_emb(m, n)])).all()
