@@ -11,7 +11,6 @@ twice the framework's own low-precision error.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dreamllm_fast.checkpoint import load_checkpoint, load_tokenizer
