@@ -353,25 +353,48 @@ def no_meta_left(module, what: str) -> None:
             raise RuntimeError(f"{what}: tensor {name} was not loaded (still on the meta device)")
 
 
+def load_on_device(module: "torch.nn.Module", state: dict, device, dtype, what: str):
+    """Assign `state` (cast to device/dtype, floating tensors only) into a module built on meta.
+
+    No random init, no CPU copy of the module, no `module.to()`: real loads copy each tensor to the
+    device once, and fake-CUDA runs (tests/gpu_paths) work, where `module.to("cuda")` of a module's
+    fake parameters cannot swap them. Raises if a tensor of the module stays on meta.
+    """
+    def cast(t):
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    module.load_state_dict({k: cast(v) for k, v in state.items()}, strict=True, assign=True)
+    no_meta_left(module, what)
+    return module.eval()
+
+
+def load_clip_on_device(clip: "torch.nn.Module", state: dict, device, dtype):
+    """`load_on_device` for a CLIPVisionModel built on meta (whole or truncated): takes the state's
+    tensors the module has, and rebuilds `position_ids`, a non-persistent buffer the checkpoint does
+    not carry."""
+    keys = set(clip.state_dict())
+    missing = keys - set(state)
+    if missing:
+        raise CheckpointError(f"CLIP weights missing: {sorted(missing)[:3]}")
+    vm = getattr(clip, "vision_model", clip)  # transformers 4.x nests it; 5.x flattens it
+    emb = vm.embeddings
+    if getattr(emb, "position_ids", None) is not None:
+        emb.register_buffer("position_ids", torch.arange(emb.position_ids.shape[-1], device=device)[None],
+                            persistent=False)
+    return load_on_device(clip, {k: v for k, v in state.items() if k in keys}, device, dtype,
+                          "CLIP vision tower")
+
+
 def build_diffusion_modules(config: DreamLLMConfig, unet_state: dict, vae_state: dict,
                             device="cpu", dtype=torch.float32):
-    """The diffusers U-Net and VAE with these weights, built on meta (no random init), in eval."""
+    """The diffusers U-Net and VAE with these weights, built on meta and assigned on `device`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.utils import logging as dlog
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config.diffusion.unet)
         vae = AutoencoderKL.from_config(config.diffusion.vae)
-    unet.load_state_dict(unet_state, strict=True, assign=True)
-    vae.load_state_dict(vae_state, strict=True, assign=True)
-    no_meta_left(unet, "U-Net")
-    no_meta_left(vae, "VAE")
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # silence the generic "cast with to()" notice: intended here
-    try:
-        return (unet.to(device=device, dtype=dtype).eval(), vae.to(device=device, dtype=dtype).eval())
-    finally:
-        dlog.set_verbosity(level)
+    return (load_on_device(unet, unet_state, device, dtype, "U-Net"),
+            load_on_device(vae, vae_state, device, dtype, "VAE"))
 
 
 def load_unet_vae(ckpt_dir: "str | Path", dtype=torch.float32, device="cpu"):

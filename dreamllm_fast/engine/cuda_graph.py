@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .graphs import CudaGraphs
+
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 CAPTURE_REMEDIES = (
@@ -37,8 +39,9 @@ class CudaGraphRunner:
     """Captured `step_fn(embeds [B, H], cache_lens [B] int32, slot_ids [B] int32) -> [B, V]`."""
 
     def __init__(self, step_fn: StepFn, hidden_size: int, capture_sizes: Sequence[int],
-                 scratch_slot: int, device, dtype, debug: bool = False):
+                 scratch_slot: int, device, dtype, debug: bool = False, backend=None):
         self.step_fn = step_fn
+        self.backend = backend  # engine.graphs backend (None: real CUDA graphs); shares its pool
         self.sizes = sorted({int(s) for s in capture_sizes})
         assert self.sizes and self.sizes[0] >= 1, f"capture sizes must be >= 1, got {capture_sizes}"
         self.max_bs = self.sizes[-1]
@@ -49,7 +52,7 @@ class CudaGraphRunner:
         self.embeds = torch.zeros(self.max_bs, hidden_size, device=self.device, dtype=dtype)
         self.cache_lens = torch.zeros(self.max_bs, device=self.device, dtype=torch.int32)
         self.slot_ids = torch.full((self.max_bs,), scratch_slot, device=self.device, dtype=torch.int32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._ptrs = None
         self.capture_seconds = 0.0
@@ -60,32 +63,29 @@ class CudaGraphRunner:
     @torch.no_grad()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        pool = None
-        stream = torch.cuda.Stream(device=self.device)
+        if self.backend is None:
+            self.backend = CudaGraphs(self.device)
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
             self.embeds.zero_()
             self.cache_lens.zero_()
             self.slot_ids.fill_(self.scratch_slot)  # warm-ups and capture write scratch K/V only
+
+            def step(bs=bs):
+                return self.step_fn(*self._args(bs))
+
             try:
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # compile + autotune + scratch allocation happen here
-                        self.step_fn(*self._args(bs))
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                torch.cuda.synchronize(self.device)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    out = self.step_fn(*self._args(bs))
+                self.backend.warmup(step)  # compile + autotune + scratch allocation happen here
+                g, out = self.backend.capture(step)
             except Exception as e:
                 raise RuntimeError(
                     f"CUDA graph capture of the decode step failed at batch size {bs} "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                     f"{CAPTURE_REMEDIES}") from e
-            pool = g.pool()
             self.graphs[bs] = g
             self.outputs[bs] = out
-        torch.cuda.synchronize(self.device)
-        self._ptrs = (self.embeds.data_ptr(), self.cache_lens.data_ptr(), self.slot_ids.data_ptr())
+        self.backend.synchronize()
+        if self.debug:  # (fake tensors have no data pointers: read them only when asked)
+            self._ptrs = (self.embeds.data_ptr(), self.cache_lens.data_ptr(), self.slot_ids.data_ptr())
         self.capture_seconds = time.perf_counter() - t0
 
     def can_run(self, bs: int) -> bool:
@@ -110,5 +110,5 @@ class CudaGraphRunner:
         if self.debug:
             ptrs = (self.embeds.data_ptr(), self.cache_lens.data_ptr(), self.slot_ids.data_ptr())
             assert ptrs == self._ptrs, "static input buffers moved since capture"
-        self.graphs[padded].replay()
+        self.backend.replay(self.graphs[padded])
         return self.outputs[padded][:bs]

@@ -3,11 +3,13 @@
 - `LlamaWeights`: the checkpoint's HF-named LLaMA tensors rearranged once at load: q|k|v fused into
   one [(Hq + 2 Hkv) D, H] matrix, gate|up into one [2F, H] matrix (one GEMM each instead of three
   and two), all on the device in the activation dtype.
-- `KVCache`: per layer `[num_slots, max_seq, Hkv, D]` K and V, allocated once; `max_seq` is the
-  context rounded up to a multiple of 8 (style.md §11). The last slot is a scratch slot that
-  CUDA-graph padding rows and capture warm-ups write into, so they never touch a live sequence.
+- `KVCache`: per layer `[num_slots + 1, max_seq, Hkv, D]` K and V views of one buffer allocated
+  once; `max_seq` is the context rounded up to a multiple of 8 (style.md §11). The last slot is a
+  short scratch slot that graph padding and capture warm-ups write into, so they never touch a live
+  sequence.
 - `LlamaRunner.prefill`: any number of new tokens for B sequences packed varlen (append_attention),
-  returning the pre-final-norm hidden states of the packed rows (the residual stream).
+  returning the pre-final-norm hidden states of the packed rows; `engine/prefill.py` runs it in
+  length buckets (captured graphs on CUDA) and in chunks.
 - `LlamaRunner.decode_step`: one token for each of B sequences (decode_attention); a pure function
   of (embeds, cache_lens, slot_ids) over static weights and cache, so a CUDA graph can capture it.
 
@@ -19,6 +21,7 @@ results agree with transformers to fp32 rounding (tests/parity/test_engine.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +80,48 @@ class LlamaWeights:
 
 
 class KVCache:
-    """Static K/V buffers: `num_slots` sequences (+1 scratch slot) of `max_seq` positions."""
+    """Static K/V for `num_slots` sequences of `max_seq` positions, plus a short scratch slot.
 
-    def __init__(self, cfg: LLMConfig, num_slots: int, max_seq: int, device, dtype):
+    `k[i]`, `v[i]`: layer i's `[num_slots + 1, max_seq, Hkv, D]` views; slot `num_slots` is the
+    scratch slot that CUDA-graph padding rows, padding sequences and capture warm-ups write into, so
+    they never touch a live sequence. Padding only ever writes scratch positions
+    `[0, scratch_len)` (decode pads at position 0, a prefill pads fewer rows than its bucket gap),
+    so the scratch slot holds `scratch_len` positions, not `max_seq`: one flat buffer lays out, per
+    layer and per K/V, the live slots followed by `scratch_len` scratch positions, and each view's
+    scratch slot is declared `max_seq` long only so that one tensor describes all slots (its
+    positions past `scratch_len` alias the next block and are never written). A full scratch slot
+    cost 1 GiB at 7B shapes and ctx 2048 in bf16 (32 layers x 2 x 2048 x 4096 x 2 B); this costs
+    `scratch_len / max_seq` of that plus one block's tail.
+    """
+
+    def __init__(self, cfg: LLMConfig, num_slots: int, max_seq: int, device, dtype,
+                 scratch_len: Optional[int] = None):
         self.num_slots = num_slots
         self.scratch_slot = num_slots  # padding rows of graph replays write here
         self.max_seq = round_up(max_seq, 8)
-        shape = (num_slots + 1, self.max_seq, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.scratch_len = min(self.max_seq, round_up(scratch_len or self.max_seq, 8))
+        hkv, d = cfg.num_key_value_heads, cfg.head_dim
+        row = hkv * d  # elements per position
+        slot = self.max_seq * row
+        block = num_slots * slot + self.scratch_len * row  # live slots + scratch positions
+        layers = cfg.num_hidden_layers
+        tail = (self.max_seq - self.scratch_len) * row  # the last view's scratch slot, as declared
+        self.buffer = torch.zeros(2 * layers * block + tail, device=device, dtype=dtype)
+        shape, stride = (num_slots + 1, self.max_seq, hkv, d), (slot, row, d, 1)
+        self.k = [self.buffer.as_strided(shape, stride, (2 * i) * block) for i in range(layers)]
+        self.v = [self.buffer.as_strided(shape, stride, (2 * i + 1) * block) for i in range(layers)]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def live(self, i: int, kv: str = "k") -> torch.Tensor:
+        """Layer i's live slots only, [num_slots, max_seq, Hkv, D] (tests poison and compare them)."""
+        return (self.k if kv == "k" else self.v)[i][:self.num_slots]
+
+    def scratch(self, i: int, kv: str = "k") -> torch.Tensor:
+        """Layer i's writable scratch positions, [scratch_len, Hkv, D]."""
+        return (self.k if kv == "k" else self.v)[i][self.scratch_slot, :self.scratch_len]
 
 
 class LlamaRunner:
@@ -113,37 +145,46 @@ class LlamaRunner:
         v = qkv[:, nq + nk:].view(T, self.hkv, self.d)
         return q, k, v
 
-    def _layers(self, x: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] embeddings -> (h, m): residual stream and last MLP output, hidden = h + m.
+    def _layers(self, x: torch.Tensor, attend, residual_out: Optional[torch.Tensor] = None):
+        """x: [T, H] embeddings (read only) -> (h, m): residual stream and last MLP output.
 
-        The last residual add is left to the caller, which only needs some rows of it (logits at
-        the sampled rows; the dream rows go through the fused dream_projection instead).
+        HF op order, launch for launch: per layer rmsnorm, qkv GEMM, attention (RoPE + cache write
+        inside), o GEMM, rmsnorm fused with the residual add (h = o + h), gate|up GEMM, silu*up,
+        down GEMM; the next layer's input rmsnorm adds the MLP output (h = m + h). Layer 0 reads the
+        embeddings as its residual and writes x + o into `residual_out` (a fresh buffer if None):
+        no clone of x. The last add, hidden = h + m, is the caller's: `decode_step` fuses it into
+        the final norm, `prefill` does it in place.
         """
-        h = x.clone()  # residual stream; rmsnorm(residual=h) updates it in place
+        assert self.w.layers, "the decoder has no layers"
         T = x.shape[0]
-        m = None
+        h = m = None
         for i, lw in enumerate(self.w.layers):
-            if m is None:
-                a = K.rmsnorm(h, lw.ln1, self.eps)
+            if i == 0:
+                a = K.rmsnorm(x, lw.ln1, self.eps)
             else:
-                a, h = K.rmsnorm(m, lw.ln1, self.eps, residual=h)  # h += m (HF: residual + out)
+                a, h = K.rmsnorm(m, lw.ln1, self.eps, residual=h)  # h = m + h (HF: residual + out)
             q, k, v = self._split_qkv(F.linear(a, lw.wqkv))
-            o = attend(i, q, k, v)  # [T, Hq, D]
-            a, h = K.rmsnorm(F.linear(o.reshape(T, self.hq * self.d), lw.wo), lw.ln2, self.eps, residual=h)
+            o = F.linear(attend(i, q, k, v).reshape(T, self.hq * self.d), lw.wo)  # attend: [T, Hq, D]
+            if i == 0:
+                a, h = K.rmsnorm(o, lw.ln2, self.eps, residual=x,
+                                 residual_out=torch.empty_like(x) if residual_out is None else residual_out)
+            else:
+                a, h = K.rmsnorm(o, lw.ln2, self.eps, residual=h)
             m = F.linear(K.silu_and_mul(F.linear(a, lw.wgu)), lw.wdown)
         return h, m
 
-    def logits(self, h: torch.Tensor, m: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, V] at `rows` only (final norm + lm_head on N rows, not T)."""
-        last = h.index_select(0, rows) + m.index_select(0, rows)
-        return F.linear(K.rmsnorm(last, self.w.norm, self.eps), self.w.lm_head).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] pre-norm rows (only the sampled ones) -> fp32 logits [N, V]."""
+        return F.linear(K.rmsnorm(hidden, self.w.norm, self.eps), self.w.lm_head).float()
 
     def prefill(self, embeds: torch.Tensor, cu_seqlens: torch.Tensor, cache_lens: torch.Tensor,
-                slot_ids: torch.Tensor, max_seqlen_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+                slot_ids: torch.Tensor, max_seqlen_q: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """embeds: [T, H] packed; cu_seqlens: [B+1] int32; cache_lens, slot_ids: [B] int32.
 
-        Writes K/V at positions [cache_lens[b], cache_lens[b] + n_b) of slot slot_ids[b]. Returns
-        (h, m) as in `_layers`. Does not advance cache_lens (the caller owns lengths).
+        Writes K/V at positions [cache_lens[b], cache_lens[b] + n_b) of slot slot_ids[b] and
+        returns the pre-final-norm hidden states [T, H] (in `out` if given: the prefill graphs'
+        static output). Does not advance cache_lens (the caller owns lengths). `max_seqlen_q` is a
+        host int that sizes the attention grid: a captured chunk passes its bucket size.
         """
         c = self.cache
 
@@ -151,7 +192,8 @@ class LlamaRunner:
             return K.append_attention(q, k, v, c.k[i], c.v[i], cu_seqlens, cache_lens, slot_ids,
                                       self.cos, self.sin, max_seqlen_q)
 
-        return self._layers(embeds, attend)
+        h, m = self._layers(embeds, attend, residual_out=out)
+        return h.add_(m)  # HF: hidden = residual + mlp_out (same bits as m + h)
 
     def decode_step(self, embeds: torch.Tensor, cache_lens: torch.Tensor,
                     slot_ids: torch.Tensor) -> torch.Tensor:
@@ -165,4 +207,5 @@ class LlamaRunner:
             return K.decode_attention(q, k, v, c.k[i], c.v[i], cache_lens, slot_ids, self.cos, self.sin)
 
         h, m = self._layers(embeds, attend)
-        return F.linear(K.rmsnorm(h + m, self.w.norm, self.eps), self.w.lm_head).float()
+        normed, _ = K.rmsnorm(m, self.w.norm, self.eps, residual=h)  # final add fused: h = m + h
+        return F.linear(normed, self.w.lm_head).float()

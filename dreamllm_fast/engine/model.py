@@ -4,8 +4,15 @@
   row, fused dream projection); sessions are slots of the static cache, handed out from a free list.
 - Single-token `extend` runs the decode step: a replayed CUDA graph on CUDA (`CudaGraphRunner`),
   the same function eagerly on the CPU (reference ops, no graphs).
+- Every multi-token pass (prompt prefill, dream branch, image feedback, [uncond; cond] pair) goes
+  through `PrefillRunner`: chunks of at most `EngineConfig.prefill_chunk` tokens, each padded to a
+  length bucket and replayed from the bucket's captured graph on CUDA (the same bucketed step runs
+  eagerly without graphs). All graphs share one memory pool; `graph_memory` reports it.
+- `graph_backend`: real CUDA graphs by default on CUDA; `engine.graphs.StandInGraphs` runs the whole
+  capture/replay path without a driver (CPU tests, fake-CUDA checks in engine/check7b.py).
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
+  Modules are built on meta and assigned on the device (no random init, no module.to()).
 - Diffusion: diffusers' U-Net and VAE, eager (the export backends replace them in the pipeline).
 
 Errors: a request that would overflow the context raises ContextOverflowError before any work;
@@ -14,6 +21,7 @@ any exception inside a session call releases the session's slot, so the engine s
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import weakref
 from typing import Optional, Sequence
@@ -23,12 +31,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
-from ..checkpoint import Checkpoint, build_diffusion_modules
+from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from .cuda_graph import CudaGraphRunner
-from .llm import KVCache, LlamaRunner, LlamaWeights
+from .graphs import CudaGraphs
+from .llm import KVCache, LlamaRunner, LlamaWeights, round_up
+from .prefill import PrefillRunner, bucket_gap
+
+log = logging.getLogger("dreamllm_fast.engine")
+if not log.handlers:  # the warm-up line (graph memory) prints unless the application configures this
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("dreamllm_fast: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
@@ -36,16 +54,14 @@ def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
 
     hidden_states has num_layers + 1 entries (embeddings first), so index `s` (negative) is the
     output of the first num_layers + 1 + s layers. post_layernorm only touches the pooled CLS
-    output, which is dropped: replaced by Identity so it never runs.
+    output, which is dropped: replaced by Identity so it never runs. Built on meta and assigned on
+    the device (`load_on_device`): the layers cut off are never materialized.
     """
     from transformers import CLIPVisionModel
 
     cfg = ckpt.config.vision
-    clip = CLIPVisionModel(cfg.to_hf())
-    clip.load_state_dict(ckpt.clip, strict=False)
-    missing = set(clip.state_dict()) - set(ckpt.clip)
-    if any(not k.endswith("position_ids") for k in missing):
-        raise RuntimeError(f"CLIP weights missing: {sorted(missing)[:3]}")
+    with torch.device("meta"):
+        clip = CLIPVisionModel(cfg.to_hf())
     vm = getattr(clip, "vision_model", clip)  # transformers 4.x nests it; 5.x flattens it
     n = len(vm.encoder.layers)
     s = cfg.select_layer
@@ -54,7 +70,7 @@ def build_clip_tower(ckpt: Checkpoint, device, dtype) -> nn.Module:
         raise ValueError(f"select_layer {s} out of range for a {n}-layer CLIP tower")
     vm.encoder.layers = vm.encoder.layers[:keep]
     vm.post_layernorm = nn.Identity()
-    return clip.to(device=device, dtype=dtype).eval()
+    return load_clip_on_device(clip, ckpt.clip, device, dtype)  # the cut layers are never loaded
 
 
 class EngineModel(EagerDiffusionHead):
@@ -63,25 +79,36 @@ class EngineModel(EagerDiffusionHead):
     name = "engine"
 
     def __init__(self, ckpt: Checkpoint, special: SpecialTokens, device="cpu", dtype=torch.float32,
-                 engine_config: Optional[EngineConfig] = None):
-
+                 engine_config: Optional[EngineConfig] = None, graph_backend=None):
+        """graph_backend: what captures and replays the graphs. None: real CUDA graphs on CUDA when
+        `engine_config.use_cuda_graphs`, no graphs otherwise; `engine.graphs.StandInGraphs()` runs
+        the whole capture/replay code path without a driver (CPU and fake-CUDA tests)."""
         self.config = cfg = ckpt.config
         self.special = special
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda" and self.device.index is None:  # fake CUDA has no driver: cuda:0
+            self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
         self.dtype = Precision.parse(dtype).dtype
         ec = engine_config or EngineConfig(precision=Precision.parse(dtype))
         self.engine_config = ec
         to = dict(device=self.device, dtype=self.dtype)
 
-        # -- LLM: fused weights, static cache, runner ----------------------------------------
+        # -- LLM: fused weights, static cache, runners ---------------------------------------
         lc = cfg.llm
         self.max_len = min(lc.max_position_embeddings, ec.max_seq or lc.max_position_embeddings)
         self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype)
-        self.cache = KVCache(lc, ec.max_batch, self.max_len, self.device, self.dtype)
+        # buckets past the context are never needed: the context (rounded up to 8) replaces them
+        buckets = [b for b in ec.prefill_buckets if b < self.max_len]
+        if len(buckets) < len(ec.prefill_buckets):
+            buckets.append(round_up(self.max_len, 8))
+        # scratch positions: decode pads at position 0, a bucketed pass pads < the bucket gap
+        self.cache = KVCache(lc, ec.max_batch, self.max_len, self.device, self.dtype,
+                             scratch_len=max(1, bucket_gap(buckets)))
         self.llm = LlamaRunner(lc, self.weights, self.cache, self.device)
+        chunk = min(ec.prefill_chunk or buckets[-1], buckets[-1]) if buckets else ec.prefill_chunk
+        self.prefill = PrefillRunner(self.llm, buckets, chunk, ec.max_batch, self.device, self.dtype)
         self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
+        self._arange = torch.arange(self.max_len, device=self.device)  # row ids of gathered hidden rows
 
         # -- vision tower + projector ---------------------------------------------------------
         self.clip = build_clip_tower(ckpt, self.device, self.dtype)
@@ -93,33 +120,56 @@ class EngineModel(EagerDiffusionHead):
         self.cond_proj_weight = ckpt.cond_proj_weight.to(**to).contiguous()  # [C, H], no bias
 
         # -- diffusion head (diffusers modules) -----------------------------------------------
-        self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, dtype)
+        self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, self.dtype)
 
-        # -- CUDA graphs of the decode step (CUDA only; the CPU runs the same step eagerly) ---
-        self.graphs: Optional[CudaGraphRunner] = None
+        # -- graphs: prefill buckets + decode steps, one pool (CUDA; the CPU runs them eagerly) --
+        self.graphs: Optional[CudaGraphRunner] = None  # the decode steps
+        self.graph_backend = graph_backend
+        if graph_backend is None and self.device.type == "cuda" and ec.use_cuda_graphs:
+            self.graph_backend = CudaGraphs(self.device)
+        self.graph_memory: dict[str, int] = {}
         self.warmup_seconds = 0.0
-        if self.device.type == "cuda" and ec.use_cuda_graphs:
-            sizes = [s for s in ec.cuda_graph_batch_sizes if 1 <= s <= ec.max_batch]
-            if sizes:
-                self.warmup(sizes)
+        if self.graph_backend is not None:
+            self.warmup([s for s in ec.cuda_graph_batch_sizes if 1 <= s <= ec.max_batch])
 
     # -- warm-up and capture ------------------------------------------------------------------
     @torch.no_grad()
     def warmup(self, capture_sizes: Sequence[int]) -> None:
-        """Compile/autotune the prefill kernels on the scratch slot, then capture decode graphs."""
+        """Capture the prefill buckets (largest first), then the decode steps, into one pool."""
         t0 = time.perf_counter()
-        c = self.cache
-        for n in (1, 7, 64):  # a few chunk sizes: Triton compiles per constexpr block config
-            n = min(n, c.max_seq)
-            emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
-            meta = self._meta([n], [0], [c.scratch_slot])
-            h, m = self.llm.prefill(emb, *meta, n)
-            self.llm.logits(h, m, meta[0][1:].long() - 1)
-        torch.cuda.synchronize(self.device)
+        backend = self.graph_backend
+        if self.prefill.buckets:
+            self.prefill.capture(backend)
+        else:  # unbucketed prefill stays eager: compile its kernels on the scratch slot now
+            for n in (1, 7, 64):
+                n = min(n, self.cache.scratch_len)
+                emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
+                self.prefill._pass([emb], [0], [self.cache.scratch_slot])
+        if capture_sizes:
+            self.graphs = CudaGraphRunner(self.llm.decode_step, self.weights.embed.shape[1], capture_sizes,
+                                          self.cache.scratch_slot, self.device, self.dtype, backend=backend)
+            self.graphs.capture()
+        backend.synchronize()
         self.warmup_seconds = time.perf_counter() - t0
-        self.graphs = CudaGraphRunner(self.llm.decode_step, self.weights.embed.shape[1], capture_sizes,
-                                      c.scratch_slot, self.device, self.dtype)
-        self.graphs.capture()
+        self.graph_memory = {"pool_bytes": backend.pool_bytes(), "kv_cache_bytes": self.cache.nbytes,
+                             "prefill_graphs": len(self.prefill.graphs),
+                             "decode_graphs": len(self.graphs.graphs) if self.graphs else 0}
+        log.info("%s graphs: %d prefill buckets (%s..%s tokens) + %d decode sizes in %.1f s; shared pool "
+                 "%.1f MiB; KV cache %.1f MiB", backend.name, self.graph_memory["prefill_graphs"],
+                 self.prefill.buckets[0] if self.prefill.buckets else "-",
+                 self.prefill.buckets[-1] if self.prefill.buckets else "-",
+                 self.graph_memory["decode_graphs"], self.warmup_seconds,
+                 self.graph_memory["pool_bytes"] / 2**20, self.cache.nbytes / 2**20)
+
+    @contextlib.contextmanager
+    def graphs_disabled(self):
+        """Run every step eagerly (same bucketed shapes) inside the block: graph == eager tests."""
+        saved, use = self.graphs, self.prefill.use_graphs
+        self.graphs, self.prefill.use_graphs = None, False
+        try:
+            yield
+        finally:
+            self.graphs, self.prefill.use_graphs = saved, use
 
     # -- embeddings ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,23 +203,13 @@ class EngineModel(EagerDiffusionHead):
             self._free.append(slot)
 
     def _meta(self, lens_q: Sequence[int], cache_lens: Sequence[int], slots: Sequence[int]):
-        """Packed-prefill metadata as int32 device tensors: (cu_seqlens [B+1], cache_lens, slots)."""
+        """Packed metadata as int32 device tensors: (cu_seqlens [B+1], cache_lens, slots)."""
         cu = [0]
         for n in lens_q:
             cu.append(cu[-1] + n)
-        host = torch.tensor(cu + list(cache_lens) + list(slots), dtype=torch.int32)
-        dev = host.to(self.device, non_blocking=False)
+        dev = torch.tensor(cu + list(cache_lens) + list(slots), dtype=torch.int32).to(self.device)
         B = len(lens_q)
         return dev[:B + 1], dev[B + 1:2 * B + 1], dev[2 * B + 1:]
-
-    def _prefill(self, sessions: Sequence["EngineSession"], embeds: Sequence[torch.Tensor]):
-        """Packed prefill of several sessions in one pass; returns (h, m, cu_seqlens)."""
-        lens = [e.shape[0] for e in embeds]
-        x = torch.cat([e.to(self.device, self.dtype) for e in embeds]) if len(embeds) > 1 else \
-            embeds[0].to(self.device, self.dtype)
-        cu, cl, sl = self._meta(lens, [s.length for s in sessions], [s.slot for s in sessions])
-        h, m = self.llm.prefill(x, cu, cl, sl, max(lens))
-        return h, m, cu
 
     def _decode(self, sessions: Sequence["EngineSession"], embeds: torch.Tensor) -> torch.Tensor:
         """One token per session: embeds [B, H] -> fp32 logits [B, V] (a copy, safe to keep)."""
@@ -211,8 +251,9 @@ class EngineModel(EagerDiffusionHead):
         with self._guard(sessions, ns):
             if all(n == 1 for n in ns):
                 return self._decode(sessions, torch.cat(list(embeds)))
-            h, m, cu = self._prefill(sessions, embeds)
-            return self.llm.logits(h, m, cu[1:].long() - 1)
+            hidden = self.prefill.prefill(embeds, [s.length for s in sessions], [s.slot for s in sessions],
+                                          [[n - 1] for n in ns])
+            return self.llm.logits(hidden)
 
     def condition_pair(self, sessions: Sequence["EngineSession"], embeds: Sequence[torch.Tensor],
                        rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -225,17 +266,11 @@ class EngineModel(EagerDiffusionHead):
             raise InvalidInputError("condition_pair needs one embedding block and row list per distinct session")
         ns = [int(e.shape[0]) for e in embeds]
         with self._guard(sessions, ns, rows):
-            h, m, cu = self._prefill(sessions, embeds)
-            h.add_(m)  # hidden before the final norm (HF: residual + mlp_out)
-            offs = [0]
-            for n in ns[:-1]:
-                offs.append(offs[-1] + n)
-            flat = [o + int(r) for o, rr in zip(offs, rows) for r in rr]
-            idx = torch.tensor(flat, dtype=torch.long).to(self.device)
-            cond = K.dream_projection(h, idx, self.weights.norm, self.cond_proj_weight,
-                                      self.config.llm.rms_norm_eps)
+            hidden = self.prefill.prefill(embeds, [s.length for s in sessions], [s.slot for s in sessions],
+                                          rows)  # [N, H] pre-norm rows, in rows' order
+            cond = K.dream_projection(hidden, self._arange[:hidden.shape[0]], self.weights.norm,
+                                      self.cond_proj_weight, self.config.llm.rms_norm_eps)
             return list(cond.split([len(r) for r in rows]))
-
 
 
 def _check_rows(rows: Sequence[int], n: int) -> None:

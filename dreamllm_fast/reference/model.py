@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, build_diffusion_modules, no_meta_left
+from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device, no_meta_left
 from ..config import SpecialTokens
 from ..diffusion import EagerDiffusionHead
 
@@ -45,12 +45,9 @@ class ReferenceModel(EagerDiffusionHead):
         no_meta_left(llm, "LLM")
         self.llm = llm.to(**to).eval()
 
-        clip = CLIPVisionModel(cfg.vision.to_hf())  # small enough to build for real
-        clip.load_state_dict(ckpt.clip, strict=False)
-        missing = set(clip.state_dict()) - set(ckpt.clip)
-        if any(not k.endswith("position_ids") for k in missing):
-            raise RuntimeError(f"CLIP weights missing: {sorted(missing)[:3]}")
-        self.clip = clip.to(**to).eval()
+        with torch.device("meta"):  # no random init of 303 M parameters on the host
+            clip = CLIPVisionModel(cfg.vision.to_hf())
+        self.clip = load_clip_on_device(clip, ckpt.clip, self.device, dtype)
         self.clip_proj = nn.Linear(cfg.vision.hidden_size, cfg.llm.hidden_size, bias=True)
         self.clip_proj.load_state_dict({"weight": ckpt.clip_proj_weight, "bias": ckpt.clip_proj_bias})
         self.clip_proj.to(**to)

@@ -1,7 +1,9 @@
 """GPU parity of the engine: Triton kernels + CUDA graphs vs the reference, tiny and 7B shapes.
 
 Skips on CPU. Tolerances marked "measure on GPU" are placeholders to set from the printed numbers
-of the first GPU run (style.md rule 9: every loosened tolerance cites its measured drift).
+of the first GPU run (style.md rule 9: every loosened tolerance cites its measured drift). The
+7B test compares both bf16 paths to an fp32 arbiter (dreamllm_fast/engine/parity.py; its CPU twin
+is tests/parity/test_arbiter.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from dreamllm_fast.checkpoint import load_tokenizer
 from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
+from dreamllm_fast.engine.parity import arbiter, format_drifts, greedy
 from dreamllm_fast.pipeline import DreamLLMPipeline
 from dreamllm_fast.tiny import make_tiny
 
@@ -20,8 +23,12 @@ requires_sm80 = pytest.mark.skipif(not HAS_SM80, reason="needs an Ampere-or-newe
 
 MSGS = [{"role": "user", "content": "Hello there, please describe a small cat."}]
 TINY_FP32_LOGIT_ATOL = 1e-3  # measure on GPU (Triton fp32 uses ieee MMA; expect ~1e-5)
-BIG_BF16_LOGIT_RTOL = 0.05  # measure on GPU: rel. L2 of prefill logits, engine vs HF bf16, 32 layers
-BIG_BF16_COND_RTOL = 0.05  # measure on GPU
+# 7B shapes, bf16, drift = rel. L2 from the fp32 reference on the same card. The engine's drift may
+# be at most the bf16 reference's own (factor 1.0):
+# - prefill logits: measured on an H100 80GB HBM3 (2026-11-23, torch 2.11, triton 3.6, commit
+#   17f6485, shared/gpu-results/2026-11-23/arbiter.txt, 300 embeddings): engine 0.070, reference 0.368;
+# - teacher-forced decode logits and the dream condition: not yet measured on a GPU (measure on GPU).
+BIG_BF16_DRIFT_RATIO = {"prefill": 1.0, "decode": 1.0, "decode_worst_step": 1.0, "condition": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +38,6 @@ def tiny_dir(tmp_path_factory):
 
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def _greedy(model, emb, steps, graphs=True):
-    """Greedy tokens and logits of `steps` decode steps through one session."""
-    saved = model.graphs
-    if not graphs:
-        model.graphs = None
-    s = model.new_session()
-    try:
-        logits = s.extend(emb)
-        toks, all_logits = [], []
-        for _ in range(steps):
-            toks.append(int(logits.argmax()))
-            all_logits.append(logits)
-            logits = s.extend(model.embed_tokens(toks[-1:]))
-        return toks, torch.stack(all_logits)
-    finally:
-        s.close()
-        model.graphs = saved
 
 
 def test_tiny_fp32_chat_tokens_equal(tiny_dir):
@@ -62,8 +50,8 @@ def test_tiny_fp32_chat_tokens_equal(tiny_dir):
     ref.chat(MSGS, max_new_tokens=64)
     assert eng.last_token_ids() == ref.last_token_ids()
     emb = ref._embed_prompt(ref.prompts.chat(MSGS))
-    te, le = _greedy(eng.model, emb, 64)
-    tr, lr = _greedy(ref.model, emb, 64)
+    te, le = greedy(eng.model, emb, 64)
+    tr, lr = greedy(ref.model, emb, 64)
     worst = (le - lr).abs().max().item()
     print(f"tiny fp32 GPU: max |logit diff| over 64 steps {worst:.3g}")
     assert te == tr and worst <= TINY_FP32_LOGIT_ATOL
@@ -85,8 +73,8 @@ def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
     special = SpecialTokens.from_tokenizer(ck.tokenizer())
     m = EngineModel(ck, special, device="cuda", dtype=dtype)
     emb = m.embed_tokens(list(range(3, 60)))
-    tg, lg = _greedy(m, emb, 64, graphs=True)
-    te, le = _greedy(m, emb, 64, graphs=False)
+    tg, lg = greedy(m, emb, 64, graphs=True)
+    te, le = greedy(m, emb, 64, graphs=False)
     assert tg == te
     assert torch.equal(lg, le), f"graph vs eager max diff {(lg - le).abs().max().item():.3g}"
     # batch 2 through one replay vs two eager single steps
@@ -99,9 +87,8 @@ def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
     for i, n in enumerate((20, 33)):
         s = m.new_session()
         s.extend(emb[:n])
-        saved, m.graphs = m.graphs, None
-        one = s.extend(x[i:i + 1])
-        m.graphs = saved
+        with m.graphs_disabled():
+            one = s.extend(x[i:i + 1])
         s.close()
         assert torch.allclose(both[i], one, atol=2e-2, rtol=0), "batch-2 replay != eager batch-1"
 
@@ -129,39 +116,38 @@ def test_cuda_graph_poisoned_output_is_rewritten(tiny_dir):
 
 @requires_sm80
 def test_7b_shapes_bf16_engine_vs_reference(tiny_dir):
-    """Random weights at the released 7B shapes, bf16: engine vs transformers, same weights."""
+    """Random weights at the released 7B shapes: the bf16 engine and the bf16 reference, each against
+    the fp32 reference on the same card (models built and freed one at a time: fits in 80 GB).
+    Then graph-vs-eager decode tokens on the engine."""
     from dreamllm_fast.engine import EngineModel
     from dreamllm_fast.engine.testing import random_checkpoint
     from dreamllm_fast.reference import ReferenceModel
 
     special = SpecialTokens.from_tokenizer(load_tokenizer(tiny_dir))
     ck = random_checkpoint(DreamLLMConfig(), device="cuda", dtype=torch.bfloat16)
-    eng = EngineModel(ck, special, device="cuda", dtype=torch.bfloat16,
-                      engine_config=EngineConfig(precision="bf16"))
-    ref = ReferenceModel(ck, special, device="cuda", dtype=torch.bfloat16)
     g = torch.Generator("cuda").manual_seed(0)
-    emb = (torch.randn(300, 4096, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    se, sr = eng.new_session(), ref.new_session()
-    try:
-        le, lr = se.extend(emb), sr.extend(emb)
-        print(f"7B bf16 prefill logits rel err {_rel(le, lr):.3g}")
-        assert _rel(le, lr) <= BIG_BF16_LOGIT_RTOL
-        worst = 0.0
-        for _ in range(16):  # teacher-forced on the reference's tokens: no divergence cascade
-            tok = int(lr.argmax())
-            le, lr = se.extend(eng.embed_tokens([tok])), sr.extend(ref.embed_tokens([tok]))
-            worst = max(worst, _rel(le, lr))
-        print(f"7B bf16 decode logits worst rel err {worst:.3g}")
-        assert worst <= BIG_BF16_LOGIT_RTOL
-        Q = eng.dream_queries.shape[0]
-        span = torch.cat([eng.embed_tokens([special.dream_start]), eng.dream_queries])
-        ce = se.extend_dream(span, list(range(1, Q + 1)))
-        cr = sr.extend_dream(span, list(range(1, Q + 1)))
-        print(f"7B bf16 condition rel err {_rel(ce, cr):.3g}")
-        assert _rel(ce, cr) <= BIG_BF16_COND_RTOL
-    finally:
-        se.close()
-        sr.close()
-    te, _ = _greedy(eng, emb, 32, graphs=True)
-    tq, _ = _greedy(eng, emb, 32, graphs=False)
-    assert te == tq, "7B: CUDA-graph decode tokens differ from eager decode"
+    emb = torch.randn(300, 4096, device="cuda", generator=g) * 0.02
+    # few graphs: the 300-row prompt (bucket 320), the 65-row dream span (96), decode at batch 1
+    ec = EngineConfig(precision="bf16", prefill_buckets=(64, 96, 320), cuda_graph_batch_sizes=(1,))
+    tokens = {}
+
+    def build(kind, dtype):
+        if kind == "reference":
+            return ReferenceModel(ck, special, device="cuda", dtype=dtype)
+        return EngineModel(ck, special, device="cuda", dtype=dtype, engine_config=ec)
+
+    def graph_vs_eager(eng):
+        e = emb.to(torch.bfloat16)
+        tokens["graph"], lg = greedy(eng, e, 32, graphs=True)
+        tokens["eager"], le = greedy(eng, e, 32, graphs=False)
+        print(f"7B graph vs eager decode: max |logit diff| {(lg - le).abs().max().item():.3g}")
+
+    d = arbiter(build, torch.float32, torch.bfloat16, emb, 16, special.dream_start, device="cuda",
+                after_engine=graph_vs_eager)
+    print(f"7B bf16 drift from fp32: {format_drifts(d)}")
+    print(f"argmax agreement with fp32 over 16 steps: engine {d['engine']['argmax_agree']}, "
+          f"reference {d['reference']['argmax_agree']}")
+    for k, ratio in BIG_BF16_DRIFT_RATIO.items():
+        assert d["engine"][k] <= ratio * d["reference"][k], \
+            f"{k}: engine drift {d['engine'][k]:.3g} > {ratio} x reference drift {d['reference'][k]:.3g}"
+    assert tokens["graph"] == tokens["eager"], "7B: CUDA-graph decode tokens differ from eager decode"
