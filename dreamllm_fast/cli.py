@@ -229,6 +229,9 @@ def cmd_serve(args) -> int:
             unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False)
 
     scheduler = SequentialScheduler(load, max_queue=args.max_queue, warmup=not args.no_warmup)
+    from .serving.app import lower_pillow_guard
+
+    lower_pillow_guard(cfg.media.max_image_pixels)  # this process is the server
     # Bind here (not in uvicorn) so that --port 0 works and the real port is printed.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -46,7 +46,6 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _lower_pillow_guard(cfg.media.max_image_pixels)
         client = None
         if cfg.media.allowed_hosts:
             import httpx
@@ -390,8 +389,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return render(to_api_error(e))
 
 
-def _lower_pillow_guard(max_pixels: int) -> None:
-    """Pillow's own bomb check (the last guard) never above ours. Process-wide, only lowered."""
+def lower_pillow_guard(max_pixels: int) -> None:
+    """Pillow's own bomb check (the last guard) never above ours. It is process-wide, so only
+    the process that is the server sets it (`dreamllm-fast serve`); an app mounted in someone
+    else's process leaves it at Pillow's default (~89 Mpx warning, ~179 Mpx error)."""
     from PIL import Image
 
     if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > max_pixels:

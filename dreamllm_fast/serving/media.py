@@ -8,7 +8,8 @@ Every image a request carries becomes a PIL image here, or a 400 naming the limi
   decoding it; a fetch stops at the limit, whatever Content-Length claimed);
 - at most `max_image_pixels`, read from the PNG/JPEG header by this module's own parser BEFORE
   Pillow decodes anything (a decompression bomb is a few kB of header claiming gigapixels), then
-  checked again on Pillow's header, with Pillow's MAX_IMAGE_PIXELS as the last guard;
+  checked again on Pillow's header, with Pillow's MAX_IMAGE_PIXELS as the last guard (the
+  `serve` command lowers it to the same limit: it is process-wide);
 - only PNG and JPEG are handed to Pillow (`formats=`), which keeps its other decoders out of reach.
 Fetches go only to allow-listed hosts, with a total time limit and redirects followed only to
 allow-listed hosts (at most 3).
