@@ -217,7 +217,7 @@ def cmd_serve(args) -> int:
         model_name=args.model_name or Path(args.checkpoint).name, api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
         media=MediaLimits(max_image_bytes=int(args.max_image_mb * 2**20),
-                          max_image_pixels=args.max_image_pixels,
+                          max_image_pixels=args.max_image_pixels, max_images=args.max_input_images,
                           allowed_hosts=tuple(args.allow_image_host or ()),
                           fetch_timeout_s=args.image_fetch_timeout))
 
@@ -278,6 +278,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="encoded size limit per image (MiB)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="pixel limit per input image, checked on the header before decoding")
+    p.add_argument("--max-input-images", type=int, default=8, help="input images per request")
     p.add_argument("--allow-image-host", action="append", metavar="HOST[:PORT]",
                    help="fetch http(s) image URLs from this host (repeatable; default: none, "
                         "data: URLs only)")

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError, InvalidInputError
+from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError,
+                      InvalidInputError)
 from .metrics import ServingMetrics
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
                        ImageGenerationRequest, ServeConfig, chat_chunk, chat_completion,
@@ -271,7 +272,8 @@ async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: 
     route = "/v1/chat/completions"
     rid, model, created = handle.request_id, cfg.model_name, int(time.time())
     with_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunk = lambda choices, u=None: _sse(chat_chunk(rid, model, created, choices, u, with_usage))  # noqa: E731
+    def chunk(choices, u=None):
+        return _sse(chat_chunk(rid, model, created, choices, u, with_usage))
     completion, first = 0, True
     try:
         for i in range(handle.request.n):

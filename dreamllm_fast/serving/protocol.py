@@ -269,7 +269,8 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]
                 raise ApiError(400, f"messages[{i}]: a {m.role} message after the conversation "
                                     f"started; the model's chat template has one system prompt, "
                                     f"at the start: move it there", param=f"messages.{i}.role")
-            parts = m.content if isinstance(m.content, list) else [TextPart(type="text", text=m.content or "")]
+            parts = m.content if isinstance(m.content, list) else \
+                [TextPart(type="text", text=m.content or "")]
             if any(isinstance(p, ImagePart) for p in parts):
                 raise ApiError(400, f"messages[{i}]: a {m.role} message cannot contain images",
                                param=f"messages.{i}.content")

@@ -145,12 +145,14 @@ class SequentialScheduler(Scheduler):
             n_prompt = len(prompt)
             if req.max_new_tokens is None:
                 if n_prompt >= max_len:
-                    raise ContextOverflowError(_overflow_msg(max_len, n_prompt, len(prompt.images), span, None))
+                    raise ContextOverflowError(
+                        _overflow_msg(max_len, n_prompt, len(prompt.images), span, None))
                 max_new = max_len - n_prompt
             else:
                 max_new = req.max_new_tokens
                 if n_prompt + max_new > max_len:
-                    raise ContextOverflowError(_overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
+                    raise ContextOverflowError(
+                        _overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
             req = dataclasses.replace(req, max_new_tokens=max_new,
                                       sampling=dataclasses.replace(req.sampling, max_new_tokens=max_new))
         else:

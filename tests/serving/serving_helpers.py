@@ -133,7 +133,8 @@ class ImageHost:
 class GatedPipeline:
     """Wraps a real pipeline. `gate` (closed) holds the next chat() at its start, `entered` tells
     that a call is held; `piece_delay` slows every streamed piece; `fail_next` makes the next
-    chat() raise. Records how many pieces each chat yielded and whether it was closed early."""
+    chat() raise. Records each chat's messages, how many pieces it yielded and whether it was
+    closed early."""
 
     def __init__(self, pipe):
         self._pipe = pipe
@@ -152,7 +153,7 @@ class GatedPipeline:
         return it if stream else "".join(it)
 
     def _chat(self, messages, **kw):
-        rec = {"pieces": 0, "finished": False, "closed_early": False}
+        rec = {"pieces": 0, "finished": False, "closed_early": False, "messages": messages}
         self.calls.append(rec)
         self.entered.set()
         self.gate.wait()

@@ -45,7 +45,8 @@ def test_help_and_defaults():
 def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckpt, capsys):
     assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--max-queue", "3",
                      "--max-image-pixels", "1000", "--allow-image-host", "img.local:8080",
-                     "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "8"]) == 0
+                     "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "8",
+                     "--max-input-images", "3"]) == 0
     host, port = recorder.last.bound
     assert host == "127.0.0.1" and port > 0
     out = capsys.readouterr()
@@ -56,6 +57,7 @@ def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckp
     cfg, sched = app.state.config, app.state.scheduler
     assert cfg.model_name == "m1" and cfg.api_key is None and cfg.max_body_bytes == 2**20
     assert cfg.media.max_image_pixels == 1000 and cfg.media.allowed_hosts == ("img.local:8080",)
+    assert cfg.media.max_images == 3
     assert sched.max_queue == 3 and sched.name == "sequential"
     from PIL import Image
 

@@ -17,7 +17,7 @@ pytest.importorskip("openai", reason="the serving tests drive the server with th
 httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
 
 from PIL import Image  # noqa: E402
-from serving_helpers import LiveServer, data_url, decode_b64_png, encode, scene  # noqa: E402
+from serving_helpers import GatedPipeline, LiveServer, data_url, decode_b64_png, encode, scene  # noqa: E402
 
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import SequentialScheduler, ServeConfig, create_app  # noqa: E402
@@ -27,10 +27,15 @@ TEXT = [{"role": "user", "content": "Tell me about the sky."}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt):
-    pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32",
-                                            backend="reference", progress=False)
-    sched = SequentialScheduler(pipe, max_queue=8)
+def served(tiny_ckpt):
+    """The server's own pipeline, wrapped to record the messages each chat() receives."""
+    return GatedPipeline(DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32",
+                                                          backend="reference", progress=False))
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    sched = SequentialScheduler(served, max_queue=8)
     with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
         assert sched.wait_ready(60), sched.health()
         yield srv
@@ -90,7 +95,7 @@ def test_stream_equals_pipeline_pieces_and_stops_on_its_own(server, client, ref_
 
 
 @pytest.mark.parametrize("fmt,mime", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
-def test_image_input_equals_pipeline(client, ref_pipe, fmt, mime):
+def test_image_input_equals_pipeline(client, served, ref_pipe, fmt, mime):
     raw = encode(scene(), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     msgs = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(raw, mime)}},
@@ -98,6 +103,12 @@ def test_image_input_equals_pipeline(client, ref_pipe, fmt, mime):
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
     with Image.open(io.BytesIO(raw)) as im:
         pil = im.convert("RGB")
+    # The tiny model's text hardly depends on the image (its random CLIP features shift logits a
+    # little), so the pixels the server handed the pipeline are compared directly: exactly those
+    # of the sent file, decoded as the pipeline's own loader decodes it.
+    (got_img, got_text) = served.calls[-1]["messages"][0]["content"]
+    assert got_text == "What is in this picture?"
+    assert got_img.mode == "RGB" and got_img.size == pil.size and got_img.tobytes() == pil.tobytes()
     ref_msgs = [{"role": "user", "content": [pil, "What is in this picture?"]}]
     assert r.choices[0].message.content == ref_pipe.chat(ref_msgs, max_new_tokens=6)
     n_prompt = len(ref_pipe.prompts.chat(ref_msgs))
