@@ -43,7 +43,18 @@ setup(
             "onnxruntime>=1.18",
             "onnxscript>=0.1",
             "matplotlib",
+            # the serving tests: the server's extra plus the official client they drive it with
+            "fastapi>=0.100",
+            "uvicorn>=0.23",
+            "httpx>=0.25",
+            "prometheus-client>=0.17",
+            "pydantic>=2",
+            "openai>=1.40",
         ],
+        # `dreamllm-fast serve`: the OpenAI-compatible HTTP server (httpx fetches allow-listed
+        # image URLs).
+        "serve": ["fastapi>=0.100", "uvicorn>=0.23", "httpx>=0.25", "prometheus-client>=0.17",
+                  "pydantic>=2"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "polygraphy"],
         # TensorRT's wheels fetch their libraries from NVIDIA's index at install time.
         "tensorrt": ["tensorrt>=10", "onnx>=1.16", "polygraphy"],

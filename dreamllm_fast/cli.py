@@ -1,4 +1,5 @@
-"""`dreamllm-fast` command line: demo, chat, t2i, generate, make-tiny, convert, export, bench.
+"""`dreamllm-fast` command line: demo, chat, t2i, generate, serve, make-tiny, convert, export,
+bench.
 
 Errors the user can fix (a bad checkpoint, image, prompt or setting) print one line and exit 2.
 """
@@ -180,6 +181,117 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _default_checkpoint(args) -> None:
+    """No --checkpoint: the embedded tiny random checkpoint (written once to the cache)."""
+    if args.checkpoint is None:
+        args.checkpoint = str(DEFAULT_CACHE / "tiny")
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            from .tiny import make_tiny
+
+            print(f"no --checkpoint: writing a tiny random checkpoint to {args.checkpoint}")
+            make_tiny(args.checkpoint)
+        print("note: the tiny checkpoint has random weights; its text and images are noise. "
+              "Pass --checkpoint with a released DreamLLM model for real output.")
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serving import MediaLimits, SequentialScheduler, ServeConfig, create_app
+        from .serving.security import API_KEY_ENV, is_loopback
+    except ImportError as e:
+        raise DreamLLMError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                            f"pip install 'dreamllm-fast[serve]'") from None
+    import socket
+
+    _default_checkpoint(args)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(args.host) and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port "
+              f"can use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    if args.max_batch is not None and args.max_batch != 1:
+        print(f"note: the {args.scheduler} scheduler serves one request at a time; --max-batch "
+              f"{args.max_batch} takes effect with the batched scheduler", file=sys.stderr)
+    cfg = ServeConfig(
+        model_name=args.model_name or Path(args.checkpoint).name, api_key=api_key,
+        max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
+        media=MediaLimits(max_image_bytes=int(args.max_image_mb * 2**20),
+                          max_image_pixels=args.max_image_pixels, max_images=args.max_input_images,
+                          allowed_hosts=tuple(args.allow_image_host or ()),
+                          fetch_timeout_s=args.image_fetch_timeout))
+
+    def load():
+        from .pipeline import DreamLLMPipeline
+
+        return DreamLLMPipeline.from_pretrained(
+            args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
+            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False)
+
+    scheduler = SequentialScheduler(load, max_queue=args.max_queue, warmup=not args.no_warmup)
+    from .serving.app import lower_pillow_guard
+
+    lower_pillow_guard(cfg.media.max_image_pixels)  # this process is the server
+    # Bind here (not in uvicorn) so that --port 0 works and the real port is printed.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise DreamLLMError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick "
+                            f"another --port") from None
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {cfg.model_name!r} on http://{url_host}:{port} ({args.scheduler} scheduler: "
+          f"one request at a time; /health turns ready once the model is loaded)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(scheduler, cfg), log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help="checkpoint directory (default: the embedded tiny random checkpoint)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $DREAMLLM_API_KEY; none)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backend", default=None, choices=("reference", "engine"),
+                   help="model backend (default: engine on CUDA, reference on CPU)")
+    p.add_argument("--unet-backend", default="eager",
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--vae-backend", default="eager",
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--scheduler", default="sequential", choices=("sequential",),
+                   help="request scheduler (today: one request at a time)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most sequences decoded together (batched scheduler; sequential: 1)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait; more get 429 with Retry-After (default 64)")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (choices/images) per request")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (MiB)")
+    p.add_argument("--max-image-mb", type=float, default=16.0, help="encoded size limit per image (MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="pixel limit per input image, checked on the header before decoding")
+    p.add_argument("--max-input-images", type=int, default=8, help="input images per request")
+    p.add_argument("--allow-image-host", action="append", metavar="HOST[:PORT]",
+                   help="fetch http(s) image URLs from this host (repeatable; default: none, "
+                        "data: URLs only)")
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                   help="seconds allowed for fetching one image URL")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready without the warm-up chat and 1-step image")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dreamllm-fast",
@@ -221,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--out-dir", default="dreamllm_generate")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, images, "
+                                     "interleaved answers); needs the 'serve' extra")
+    _add_serve_args(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the release layout")
     p.add_argument("dir")

@@ -1,0 +1,28 @@
+"""OpenAI-compatible serving (`dreamllm-fast serve`; the optional extra ``serve``).
+
+    from dreamllm_fast.serving import ServeConfig, SequentialScheduler, create_app
+    sched = SequentialScheduler(lambda: DreamLLMPipeline.from_pretrained(ckpt), max_queue=64)
+    app = create_app(sched, ServeConfig(model_name="dreamllm", api_key=None))  # run with uvicorn
+
+scheduler.py is the interface (requests, events, stats) between the HTTP layer and whatever owns
+the model; sequential.py serves one request at a time through `DreamLLMPipeline`.
+"""
+from .media import MediaLimits
+from .protocol import ServeConfig
+from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageOptions, ImageResult,
+                        NotReadyError, QueueFullError, RequestFailed, RequestHandle, Scheduler,
+                        SchedulerStats, TextDelta)
+from .sequential import SequentialScheduler
+
+
+def create_app(*args, **kwargs):
+    """`app.create_app` (imported lazily: FastAPI is needed only to serve)."""
+    from .app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+__all__ = ["ChoiceDone", "GenerationRequest", "Health", "ImageOptions", "ImageResult",
+           "MediaLimits", "NotReadyError", "QueueFullError", "RequestFailed", "RequestHandle",
+           "Scheduler", "SchedulerStats", "SequentialScheduler", "ServeConfig", "TextDelta",
+           "create_app"]

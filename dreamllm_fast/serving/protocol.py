@@ -1,0 +1,346 @@
+"""OpenAI wire format: request models, their validation into `GenerationRequest`s, responses.
+
+Requests are validated strictly (pydantic, strict types, unknown fields refused as OpenAI does:
+"Unrecognized request argument"), and parameters this server does not implement get a 400 that
+says so instead of being silently ignored (`UNSUPPORTED`). Only their neutral values pass (e.g.
+``logprobs: false``, ``frequency_penalty: 0``).
+
+Mapping to the model:
+- ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1). ``top_p`` and the
+  extension ``top_k`` filter the distribution.
+- System messages: the "vicuna_v1.1" template the model was tuned on has one system prompt, at the
+  start. Leading system (or ``developer``) messages are joined with newlines and replace the
+  default system prompt; a system message after the conversation started is refused (400).
+- ``seed`` s: choice i samples with ``torch.Generator().manual_seed(s + i)``; without a seed each
+  request draws a fresh one.
+- ``"modalities": ["text", "image"]`` asks for an interleaved answer; its content is a list of
+  ``text`` and ``image_url`` (PNG data URL) parts, in order. Extensions for its images:
+  ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``max_images``.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InvalidInputError
+from ..sampling import SamplingParams
+from .media import MediaLimits, load_image_url, parse_size, png_b64, png_data_url
+from .scheduler import GenerationRequest, ImageOptions
+
+
+@dataclass
+class ServeConfig:
+    """HTTP-side settings (the scheduler has its own: queue size, batch)."""
+
+    model_name: str = "dreamllm"
+    api_key: Optional[str] = None
+    max_body_bytes: int = 32 * 2**20
+    media: MediaLimits = field(default_factory=MediaLimits)
+    max_n: int = 8
+    max_stop: int = 4  # OpenAI's limit on stop strings
+    # Defaults of the images of interleaved answers and /v1/images/generations (the original's
+    # text-to-image function: 50 DDPM steps, guidance 7.5; dreamllm.md §1.5).
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    max_images: int = 4
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, rendered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+# -- request models --------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted, no effect (one CLIP size)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None  # accepted, not used by the template
+
+
+class StreamOptions(_Strict):
+    include_usage: Optional[bool] = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # extension (vLLM's name)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    modalities: Optional[list[Literal["text", "image"]]] = None
+    user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    # extensions for the images of an interleaved answer
+    num_inference_steps: Optional[int] = Field(None, ge=1)
+    guidance_scale: Optional[float] = Field(None, ge=0)
+    negative_prompt: Optional[str] = None
+    max_images: Optional[int] = Field(None, ge=0)
+
+
+class ImageGenerationRequest(_Strict):
+    prompt: str = Field(min_length=1)
+    model: Optional[str] = None
+    n: Optional[int] = Field(None, ge=1)
+    size: Optional[str] = None
+    response_format: Optional[Literal["b64_json", "url"]] = None
+    output_format: Optional[Literal["png"]] = None
+    user: Optional[str] = None
+    # extensions (the DDPM sampler of the model's image head)
+    num_inference_steps: Optional[int] = Field(None, ge=1)
+    guidance_scale: Optional[float] = Field(None, ge=0)
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+
+
+# name -> (values that mean "off" and are accepted, why anything else is refused)
+_NO = "is not supported by this server"
+UNSUPPORTED_CHAT: dict[str, tuple[tuple, str]] = {
+    "tools": ((None, []), f"tool calling {_NO}: DreamLLM was not trained to call tools"),
+    "tool_choice": ((None, "none"), f"tool calling {_NO}"),
+    "functions": ((None, []), f"function calling {_NO}"),
+    "function_call": ((None, "none"), f"function calling {_NO}"),
+    "parallel_tool_calls": ((None, True, False), ""),
+    "logprobs": ((None, False), f"logprobs {_NO} (it returns text and images only)"),
+    "top_logprobs": ((None, 0), f"top_logprobs {_NO}"),
+    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
+    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
+    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+    "response_format": ((None, {"type": "text"}), f"structured output (response_format) {_NO}"),
+    "audio": ((None,), f"audio output {_NO}"),
+    "prediction": ((None,), f"predicted outputs {_NO}"),
+    "reasoning_effort": ((None,), f"reasoning_effort {_NO}: not a reasoning model"),
+    "web_search_options": ((None,), f"web search {_NO}"),
+    "store": ((None, False), f"stored completions {_NO}"),
+    "service_tier": ((None, "auto", "default"), f"service tiers {_NO}"),
+}
+UNSUPPORTED_IMAGES: dict[str, tuple[tuple, str]] = {
+    "stream": ((None, False), f"streamed image generation {_NO}"),
+    "partial_images": ((None, 0), f"partial images {_NO}"),
+    "quality": ((None, "auto", "standard"), f"quality settings {_NO}; use num_inference_steps"),
+    "style": ((None,), f"style {_NO}"),
+    "background": ((None, "auto", "opaque"), f"transparent backgrounds {_NO}"),
+    "moderation": ((None, "auto", "low"), ""),
+    "output_compression": ((None, 100), f"output_compression {_NO} (PNG only)"),
+}
+
+
+def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
+    """The JSON body (already a Python object) -> a validated model, or ApiError(400)."""
+    if not isinstance(raw, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name, (neutral, why) in unsupported.items():
+        if name in raw:
+            v = raw.pop(name)
+            if not any(v == n and type(v) is type(n) for n in neutral) and why:
+                raise ApiError(400, why, param=name, code="unsupported_parameter")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"Unrecognized request argument supplied: {loc}", param=loc,
+                           code="unknown_parameter") from None
+        raise ApiError(400, f"{loc}: {err['msg']}", param=loc or None) from None
+
+
+# -- into the engine's terms -----------------------------------------------------------------------
+async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None) -> GenerationRequest:
+    """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images."""
+    n = body.n or 1
+    if n > cfg.max_n:
+        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one of them",
+                       param="max_completion_tokens")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    modalities = set(body.modalities or ["text"])
+    if modalities == {"image"}:
+        raise ApiError(400, "modalities ['image'] alone is not a chat answer: use "
+                            "/v1/images/generations, or ['text', 'image'] for an interleaved answer",
+                       param="modalities")
+    interleaved = "image" in modalities
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > cfg.max_stop or any(not s for s in stops):
+        raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
+    messages = await _messages(body.messages, cfg, client)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    try:
+        sampling = SamplingParams(
+            max_new_tokens=1, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p)
+    except InvalidInputError as e:
+        raise ApiError(400, str(e)) from None
+    if not interleaved:
+        for name in ("num_inference_steps", "guidance_scale", "negative_prompt", "max_images"):
+            if getattr(body, name) is not None:
+                raise ApiError(400, f"{name} applies to interleaved answers only: add "
+                                    f"\"modalities\": [\"text\", \"image\"]", param=name)
+    return GenerationRequest(
+        kind="interleaved" if interleaved else "chat", seeds=_seeds(body.seed, n),
+        messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        sampling=sampling, stop=tuple(stops), image=_image_options(body, cfg),
+        request_id=f"chatcmpl-{uuid.uuid4().hex}")
+
+
+def images_request(body: ImageGenerationRequest, cfg: ServeConfig) -> GenerationRequest:
+    n = body.n or 1
+    if n > cfg.max_n:
+        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    if body.response_format == "url":
+        raise ApiError(400, "response_format 'url' is not supported: this server keeps no image "
+                            "store to link to; use 'b64_json'", param="response_format")
+    try:
+        size = parse_size(body.size)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="size") from None
+    opts = _image_options(body, cfg)
+    opts.size = size
+    return GenerationRequest(kind="image", seeds=_seeds(body.seed, n), prompt=body.prompt,
+                             image=opts, request_id=f"img-{uuid.uuid4().hex}")
+
+
+def _image_options(body, cfg: ServeConfig) -> ImageOptions:
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return ImageOptions(num_inference_steps=pick(body.num_inference_steps, cfg.num_inference_steps),
+                        guidance_scale=pick(body.guidance_scale, cfg.guidance_scale),
+                        negative_prompt=body.negative_prompt,
+                        max_images=pick(getattr(body, "max_images", None), cfg.max_images))
+
+
+def _seeds(seed: Optional[int], n: int) -> list[int]:
+    base = secrets.randbelow(2**62) if seed is None else seed
+    if not -2**63 <= base < 2**64:
+        raise ApiError(400, "seed must fit in 64 bits", param="seed")
+    return [(base + i) % 2**64 for i in range(n)]  # Generator.manual_seed takes any 64-bit value
+
+
+async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]:
+    """OpenAI messages -> pipeline messages: {"role", "content": [str | PIL.Image, ...]}."""
+    system: list[str] = []
+    out: list[dict] = []
+    n_images = 0
+    for i, m in enumerate(msgs):
+        if m.role in ("system", "developer"):
+            if out:
+                raise ApiError(400, f"messages[{i}]: a {m.role} message after the conversation "
+                                    f"started; the model's chat template has one system prompt, "
+                                    f"at the start: move it there", param=f"messages.{i}.role")
+            parts = m.content if isinstance(m.content, list) else \
+                [TextPart(type="text", text=m.content or "")]
+            if any(isinstance(p, ImagePart) for p in parts):
+                raise ApiError(400, f"messages[{i}]: a {m.role} message cannot contain images",
+                               param=f"messages.{i}.content")
+            system.append("".join(p.text for p in parts))
+            continue
+        if m.content is None:
+            raise ApiError(400, f"messages[{i}].content is missing (tool calls are not supported)",
+                           param=f"messages.{i}.content")
+        content: list = []
+        for j, p in enumerate(m.content if isinstance(m.content, list) else [m.content]):
+            if isinstance(p, str):
+                content.append(p)
+            elif isinstance(p, TextPart):
+                content.append(p.text)
+            else:
+                n_images += 1
+                if n_images > cfg.media.max_images:
+                    raise ApiError(400, f"at most {cfg.media.max_images} images per request",
+                                   param=f"messages.{i}.content.{j}")
+                try:
+                    content.append(await load_image_url(p.image_url.url, cfg.media, client))
+                except InvalidInputError as e:
+                    raise ApiError(400, f"messages[{i}].content[{j}]: {e}",
+                                   param=f"messages.{i}.content.{j}.image_url",
+                                   code="invalid_image") from None
+        out.append({"role": m.role, "content": content})
+    if system:
+        out.insert(0, {"role": "system", "content": "\n".join(system)})
+    return out
+
+
+# -- responses -------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def image_part(image) -> dict:
+    return {"type": "image_url", "image_url": {"url": png_data_url(image)}}
+
+
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage_,
+            "system_fingerprint": _fingerprint()}
+
+
+def chat_chunk(request_id: str, model: str, created: int, choices: list[dict],
+               usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
+    d = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": choices, "system_fingerprint": _fingerprint()}
+    if with_usage:
+        d["usage"] = usage_
+    return d
+
+
+def images_response(images: list) -> dict:
+    return {"created": int(time.time()), "data": [{"b64_json": png_b64(im)} for im in images],
+            "output_format": "png"}
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "dreamllm-fast"}
+
+
+def _fingerprint() -> str:
+    from .. import __version__
+
+    return f"dreamllm-fast-{__version__}"

@@ -1,0 +1,89 @@
+"""`dreamllm-fast serve`: its defaults (127.0.0.1, the key from the environment) and its wiring,
+with uvicorn's server replaced by a recorder (the real server is tested in the other modules)."""
+import pytest
+
+pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra (fastapi)")
+uvicorn = pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra (uvicorn)")
+
+from dreamllm_fast import cli  # noqa: E402
+
+
+class _Recorder:
+    """Stands in for uvicorn.Server: records the app and the bound sockets, serves nothing."""
+
+    last = None
+
+    def __init__(self, config):
+        self.config = config
+        _Recorder.last = self
+
+    def run(self, sockets):
+        self.sockets = sockets
+        self.bound = sockets[0].getsockname()[:2]
+        sockets[0].close()
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(uvicorn, "Server", _Recorder)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.delenv("DREAMLLM_API_KEY", raising=False)
+    return _Recorder
+
+
+def test_help_and_defaults():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--help"])
+    assert e.value.code == 0
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
+    assert args.scheduler == "sequential" and args.max_queue == 64
+
+
+def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckpt, capsys):
+    assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--max-queue", "3",
+                     "--max-image-pixels", "1000", "--allow-image-host", "img.local:8080",
+                     "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "8",
+                     "--max-input-images", "3"]) == 0
+    host, port = recorder.last.bound
+    assert host == "127.0.0.1" and port > 0
+    out = capsys.readouterr()
+    assert f"on http://127.0.0.1:{port}" in out.out and "one request at a time" in out.out
+    assert "--max-batch 8 takes effect with the batched scheduler" in out.err
+    assert "warning" not in out.err
+    app = recorder.last.config.app
+    cfg, sched = app.state.config, app.state.scheduler
+    assert cfg.model_name == "m1" and cfg.api_key is None and cfg.max_body_bytes == 2**20
+    assert cfg.media.max_image_pixels == 1000 and cfg.media.allowed_hosts == ("img.local:8080",)
+    assert cfg.media.max_images == 3
+    assert sched.max_queue == 3 and sched.name == "sequential"
+    from PIL import Image
+
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's own guard, lowered to ours in the server process
+
+
+def test_api_key_from_the_environment_and_warning_when_exposed(recorder, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMLLM_API_KEY", "from-env")
+    assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0"]) == 0
+    assert recorder.last.config.app.state.config.api_key == "from-env"
+    assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--api-key", "flag"]) == 0
+    assert recorder.last.config.app.state.config.api_key == "flag"
+    monkeypatch.delenv("DREAMLLM_API_KEY")
+    assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--host", "0.0.0.0"]) == 0
+    assert recorder.last.bound[0] == "0.0.0.0"
+    assert "without an API key" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_one_line_error(recorder, tiny_ckpt, capsys):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", str(s.getsockname()[1])]) == 2
+    finally:
+        s.close()
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
