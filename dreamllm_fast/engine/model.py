@@ -4,6 +4,9 @@
   row, fused dream projection); sessions are slots of the static cache, handed out from a free list.
 - Single-token `extend` runs the decode step: a replayed CUDA graph on CUDA (`CudaGraphRunner`),
   the same function eagerly on the CPU (reference ops, no graphs).
+- `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
+  embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
+  batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
 - Diffusion: diffusers' U-Net and VAE, eager (the export backends replace them in the pipeline).
@@ -27,7 +30,8 @@ from ..checkpoint import Checkpoint, build_diffusion_modules
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
-from .cuda_graph import CudaGraphRunner
+from ..sampling import SamplingParams, sample_next
+from .cuda_graph import CudaGraphRunner, DecodeBuffers
 from .llm import KVCache, LlamaRunner, LlamaWeights
 
 
@@ -82,6 +86,10 @@ class EngineModel(EagerDiffusionHead):
         self.cache = KVCache(lc, ec.max_batch, self.max_len, self.device, self.dtype)
         self.llm = LlamaRunner(lc, self.weights, self.cache, self.device)
         self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
+        # static inputs of the decode steps (graph inputs on CUDA, the eager step's on the CPU)
+        self.bufs = DecodeBuffers(ec.max_batch, lc.hidden_size, self.cache.scratch_slot, self.device,
+                                  self.dtype)
+        self._active_batch: Optional["EngineDecodeBatch"] = None
 
         # -- vision tower + projector ---------------------------------------------------------
         self.clip = build_clip_tower(ckpt, self.device, self.dtype)
@@ -117,8 +125,7 @@ class EngineModel(EagerDiffusionHead):
             self.llm.logits(h, m, meta[0][1:].long() - 1)
         torch.cuda.synchronize(self.device)
         self.warmup_seconds = time.perf_counter() - t0
-        self.graphs = CudaGraphRunner(self.llm.decode_step, self.weights.embed.shape[1], capture_sizes,
-                                      c.scratch_slot, self.device, self.dtype)
+        self.graphs = CudaGraphRunner(self._step, self.bufs, capture_sizes, self.device)
         self.graphs.capture()
 
     # -- embeddings ---------------------------------------------------------------------------
@@ -182,6 +189,28 @@ class EngineModel(EagerDiffusionHead):
         _, cl, sl = self._meta([1] * B, lens, slots)
         return self.llm.decode_step(embeds.to(self.device, self.dtype), cl, sl)
 
+    def _step(self, n: int, mode: str) -> torch.Tensor:
+        """The decode step over the first n rows of `self.bufs` (captured as is on CUDA).
+
+        "logits": embeds -> logits. "greedy" / "sample": ids -> embed -> decoder -> logits; the
+        lengths advance by `inc` (1 live, 0 padding), then the next ids are drawn at the new lengths
+        (the positions the drawn tokens will occupy) and written back into `ids`. Returns the fp32
+        logits [n, V] (graph memory on CUDA).
+        """
+        b = self.bufs
+        if mode == "logits":
+            return self.llm.decode_step(b.embeds[:n], b.cache_lens[:n], b.slot_ids[:n])
+        lens = b.step_lens[:n]
+        logits = self.llm.decode_step(F.embedding(b.ids[:n], self.weights.embed), lens, b.step_slots[:n])
+        lens.add_(b.inc[:n])
+        b.ids[:n].copy_(sample_next(logits, b.rows.view(n), lens, greedy_only=(mode == "greedy")))
+        return logits
+
+    def decode_batch(self, sessions: Sequence["EngineSession"], token_ids: Sequence[int],
+                     params: Sequence[SamplingParams], seeds: Sequence[int]) -> "EngineDecodeBatch":
+        """The decode loop's batch over `sessions` (see `EngineDecodeBatch`); one at a time."""
+        return EngineDecodeBatch(self, sessions, token_ids, params, seeds)
+
     @contextlib.contextmanager
     def _guard(self, sessions: Sequence["EngineSession"], ns: Sequence[int], rows=None):
         """Checks before any work; on any exception (checks included) releases every session's slot."""
@@ -238,6 +267,113 @@ class EngineModel(EagerDiffusionHead):
 
 
 
+class EngineDecodeBatch:
+    """Self-advancing decode steps for a fixed set of sessions, one step ahead of the host.
+
+    Built from host values (the previous ids, the sessions' lengths and slots, per-row sampling
+    settings and seeds) copied once into `model.bufs`; from then on every `launch()` is one graph
+    replay (or the same step eagerly) plus an async copy of the drawn ids into pinned host memory
+    (two buffers, an event each), and `result()` waits only for the oldest step. Sessions' host
+    lengths stay at their values at build until `close(lengths)` commits what the loop accepted;
+    K/V written by a discarded step lie at or past the committed length (never read, overwritten).
+    """
+
+    def __init__(self, model: EngineModel, sessions, token_ids, params, seeds):
+        B = len(sessions)
+        b = model.bufs
+        if model._active_batch is not None:
+            raise EngineBusyError("a decode batch is already running on this engine; one DecodeLoop "
+                                  "batches every sequence: add sequences to it instead")
+        if not 1 <= B <= b.capacity:
+            raise InvalidInputError(f"a decode batch holds 1 to {b.capacity} sequences, got {B}; raise "
+                                    "EngineConfig.max_batch")
+        if len({s.slot for s in sessions}) != B or any(s._closed or s.m is not model for s in sessions):
+            raise InvalidInputError("decode_batch needs distinct open sessions of this engine")
+        if not (len(token_ids) == len(params) == len(seeds) == B):
+            raise InvalidInputError("decode_batch needs one token id, sampling setting and seed per session")
+        V = model.weights.embed.shape[0]
+        if any(not 0 <= int(t) < V for t in token_ids):
+            raise InvalidInputError(f"token ids must be in [0, {V}), got {list(token_ids)}")
+        for s in sessions:
+            s._check(1)
+        self.m, self.sessions, self.B = model, list(sessions), B
+        self.mode = "sample" if any(p.do_sample for p in params) else "greedy"
+        g = model.graphs
+        self.graph = g is not None and g.can_run(B, self.mode)
+        self.n = g.padded_size(B) if self.graph else B
+        pad = b.capacity - B
+        b.ids.copy_(torch.tensor([int(t) for t in token_ids] + [0] * pad, dtype=torch.int64))
+        b.step_lens.copy_(torch.tensor([s.length for s in sessions] + [0] * pad, dtype=torch.int32))
+        b.step_slots.copy_(torch.tensor([s.slot for s in sessions] + [b.scratch_slot] * pad, dtype=torch.int32))
+        b.inc.copy_(torch.tensor([1] * B + [0] * pad, dtype=torch.int32))
+        b.rows.set(params, seeds)
+        self.base = [s.length for s in sessions]
+        self.cuda = model.device.type == "cuda"
+        if self.cuda:
+            self._host = [torch.empty(B, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+        else:
+            self._host = [None, None]
+        self.launched = self.read = 0
+        self.logits: Optional[torch.Tensor] = None  # the latest launched step's [B, V] (graph memory)
+        model._active_batch = self
+
+    @property
+    def inflight(self) -> int:
+        return self.launched - self.read
+
+    @torch.no_grad()
+    def launch(self) -> None:
+        """Enqueue one step for every row; never waits for the device."""
+        assert self.inflight < 2, "two steps in flight: read one with result() first"
+        if max(self.base) + self.launched >= self.m.max_len:
+            raise ContextOverflowError(f"a decode step would write position {max(self.base) + self.launched} "
+                                       f"of a {self.m.max_len}-position context")
+        if self.graph:
+            self.logits = self.m.graphs.replay(self.B, self.n, self.mode)
+        else:
+            self.logits = self.m._step(self.n, self.mode)[:self.B]
+        k = self.launched % 2
+        ids = self.m.bufs.ids[:self.B]
+        if self.cuda:
+            self._host[k].copy_(ids, non_blocking=True)
+            self._events[k].record()
+        else:
+            self._host[k] = ids.tolist()
+        self.launched += 1
+
+    def result(self) -> list[int]:
+        """The drawn ids of the oldest unread step (waits for that step only)."""
+        assert self.read < self.launched, "no step in flight"
+        k = self.read % 2
+        if self.cuda:
+            self._events[k].synchronize()
+            out = self._host[k].tolist()
+        else:
+            out = self._host[k]
+        self.read += 1
+        return out
+
+    def close(self, lengths: Sequence[int]) -> None:
+        """Drain, then commit each session's accepted length (<= its length + steps launched)."""
+        if self.cuda and self.launched:
+            self._events[(self.launched - 1) % 2].synchronize()
+        self.read = self.launched
+        for s, L, base in zip(self.sessions, lengths, self.base):
+            if not base <= int(L) <= base + self.launched:
+                raise RuntimeError(f"committed length {L} outside [{base}, {base + self.launched}]")
+            if not s._closed:
+                s.length = int(L)
+        self.m._active_batch = None
+
+    def abort(self) -> None:
+        """After an error: let go of the engine without committing (callers close the sessions)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.m.device).synchronize()
+        if self.m._active_batch is self:
+            self.m._active_batch = None
+
+
 def _check_rows(rows: Sequence[int], n: int) -> None:
     if len(rows) == 0 or any(not 0 <= int(r) < n for r in rows):
         raise InvalidInputError(f"dream rows must be non-empty indices into the {n} new positions, got {list(rows)}")
@@ -272,6 +408,12 @@ class EngineSession:
     def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""
         return self.m.condition_pair([self], [embeds], [list(rows)])[0]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (their K/V stay in the slot, unread, until overwritten)."""
+        if not 0 <= length <= self.length:
+            raise InvalidInputError(f"truncate to {length} of a {self.length}-position session")
+        self.length = int(length)
 
     def close(self) -> None:
         if not self._closed:
