@@ -1,15 +1,29 @@
 """Public API: `DreamLLMPipeline` for chat, text-to-image and interleaved documents.
 
-The pipeline owns the request logic (validation, prompt layout, sampling, the diffusion loop, image
-feedback); a backend owns the model math. Backends expose the same small interface:
+The pipeline owns the request logic (validation, prompt layout, the diffusion loop, image
+feedback); the decode loop (dreamllm_fast/decoding.py) owns token generation; a backend owns the
+model math. Backends expose the same small interface:
 
     embed_tokens(ids) -> [n, H]            encode_images(pixels) -> [N, P, H]
     dream_queries [Q, H]                   new_session() -> session
     unet_eps(sample, t, context) -> eps    vae_decode(latents) -> image in [-1, 1]
     session.extend(embeds) -> logits [V]   session.extend_dream(embeds, rows) -> condition [Q, C]
+    session.length (positions cached)      session.truncate(length); session.close()
+
+    decode_batch(sessions, token_ids, params, seeds) -> batch    (the decode loop's step)
+        token_ids: each session's previous token (host ints, not yet in its cache);
+        params: SamplingParams per row; seeds: 63-bit Philox keys per row (0 when greedy).
+    batch.launch()          enqueue one step: every row feeds its previous token at position
+                            base + steps and draws the next on the device (never blocks)
+    batch.result() -> ids   host ids of the oldest unread step (waits for that step only)
+    batch.inflight          steps launched and not yet read (at most 2)
+    batch.logits            fp32 [B, V] of the latest launched step (valid until the next launch)
+    batch.close(lengths)    drain, then commit each session's accepted length
+    batch.abort()           after an error: release without committing
 
 ``backend="reference"`` is the transformers + diffusers oracle (dreamllm_fast/reference);
-the fast engine plugs in behind the same interface.
+``backend="engine"`` the fast engine (dreamllm_fast/engine); dreamllm_fast/stub.py a backend
+whose math costs nothing (host-overhead benchmark, loop tests).
 
 Each call is a list of named, timed steps (check_inputs -> encode -> prefill -> decode ->
 condition -> diffuse -> decode_latents); `last_timings` holds the seconds of the latest call.
