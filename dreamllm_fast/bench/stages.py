@@ -21,7 +21,8 @@ import torch
 from ..diffusion import decode_latents, denoise, make_scheduler
 from .harness import ceilings, do_bench
 
-STAGES = ("vision", "prefill", "decode", "dream", "projection", "unet", "vae", "t2i", "interleaved")
+STAGES = ("vision", "prefill", "decode", "dream", "projection", "unet", "vae", "t2i", "interleaved",
+          "host", "decode_loop")
 
 
 @dataclass
@@ -367,6 +368,9 @@ def bench_compile_static(ref_model, s: BenchSettings) -> list[dict]:
     return rows
 
 
+from ..host_overhead import bench_decode_loop, bench_host_overhead  # noqa: E402  (decode loop's stages)
+
 RUNNERS = {"vision": bench_vision, "prefill": bench_prefill, "decode": bench_decode,
            "dream": bench_dream, "projection": bench_projection, "unet": bench_unet,
-           "vae": bench_vae, "t2i": bench_t2i, "interleaved": bench_interleaved}
+           "vae": bench_vae, "t2i": bench_t2i, "interleaved": bench_interleaved,
+           "host": bench_host_overhead, "decode_loop": bench_decode_loop}
