@@ -186,6 +186,7 @@ def test_compiled_ptx_uses_ieee_division_and_libdevice_log(cap):
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx
     assert "__nv_log" in ptx, "the fp64 log must be libdevice's (not an fp32 approximation)"
     assert "atom.global" in ptx and "mul.hi.u32" in ptx
+    assert "cvt.rn.f64.u32" in ptx, "Philox output must convert to fp64 as unsigned"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with CUDA; none found")
