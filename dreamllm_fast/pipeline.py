@@ -337,8 +337,11 @@ class DreamLLMPipeline:
                         yield ev.text
                     if ev.kind == "pause":
                         # <dream_start> Q.. then the image span: stop if the context cannot hold it.
-                        if n_images >= images["max_images"] or session.length + Q + P + 4 > self.max_len:
-                            loop.finish(seq, "stop")
+                        if n_images >= images["max_images"]:
+                            loop.finish(seq, "max_images")
+                            break
+                        if session.length + Q + P + 4 > self.max_len:
+                            loop.finish(seq, "context")
                             break
                         image, logits = self._dream(session, images, generator)
                         n_images += 1
