@@ -35,7 +35,8 @@ class EngineDecodeBatch:
         if not 1 <= B <= b.capacity:
             raise InvalidInputError(f"a decode batch holds 1 to {b.capacity} sequences, got {B}; raise "
                                     "EngineConfig.max_batch")
-        if len({s.slot for s in sessions}) != B or any(s._closed or s.m is not model for s in sessions):
+        if len({s.slot for s in sessions}) != B or any(s._closed or s.m is not model or s._batch is not None
+                                                       for s in sessions):
             raise InvalidInputError("decode_batch needs distinct open sessions of this engine")
         if not (len(token_ids) == len(params) == len(seeds) == B):
             raise InvalidInputError("decode_batch needs one token id, sampling setting and seed per session")
@@ -65,6 +66,8 @@ class EngineDecodeBatch:
         self.launched = self.read = 0
         self.logits: Optional[torch.Tensor] = None  # the latest launched step's [B, V] (graph memory)
         model._active_batch = self
+        for s in sessions:
+            s._batch = self
 
     @property
     def inflight(self) -> int:
@@ -112,11 +115,14 @@ class EngineDecodeBatch:
                 raise RuntimeError(f"committed length {L} outside [{base}, {base + self.launched}]")
             if not s._closed:
                 s.length = int(L)
+            s._batch = None
         self.m._active_batch = None
 
     def abort(self) -> None:
         """After an error: let go of the engine without committing (callers close the sessions)."""
         if self.cuda:
             torch.cuda.current_stream(self.m.device).synchronize()
+        for s in self.sessions:
+            s._batch = None
         if self.m._active_batch is self:
             self.m._active_batch = None

@@ -281,6 +281,7 @@ class EngineSession:
         self.slot = slot
         self.length = 0
         self._closed = False
+        self._batch = None  # the running EngineDecodeBatch that owns this session's length, if any
         # a session dropped without close() still gives its slot back
         self._finalizer = weakref.finalize(self, model._release, slot)
 
@@ -295,16 +296,24 @@ class EngineSession:
                 f"{n}); the model's context is {self.m.max_len}: shorten the prompt, request fewer "
                 "tokens or images")
 
+    def _not_decoding(self) -> None:
+        if self._batch is not None:  # its device length runs ahead of self.length until commit
+            raise InvalidInputError("this session is in a running decode batch: finish or pause it in "
+                                    "the DecodeLoop before extending it")
+
     def extend(self, embeds: torch.Tensor) -> torch.Tensor:
         """Append [n, H] embeddings; returns the fp32 logits of the last position, [V]."""
+        self._not_decoding()
         return self.m.extend_batch([self], [embeds])[0]
 
     def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""
+        self._not_decoding()
         return self.m.condition_pair([self], [embeds], [list(rows)])[0]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (their K/V stay in the slot, unread, until overwritten)."""
+        self._not_decoding()
         if not 0 <= length <= self.length:
             raise InvalidInputError(f"truncate to {length} of a {self.length}-position session")
         self.length = int(length)

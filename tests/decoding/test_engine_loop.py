@@ -153,6 +153,9 @@ def test_errors_and_misuse_leave_the_engine_usable(parts):
         b = eng.decode_batch([s1], [5], [GREEDY], [0])
         with pytest.raises(EngineBusyError, match="already running"):
             eng.decode_batch([s2], [5], [GREEDY], [0])
+        with pytest.raises(InvalidInputError, match="running decode batch"):
+            s1.extend(_prompt(eng, 2))  # its device length runs ahead of its host length
+        assert not s1._closed, "a refused extend must not release a session the batch still steps"
         b.close([s1.length])
         with pytest.raises(InvalidInputError, match="distinct"):
             eng.decode_batch([s1, s1], [5, 5], [GREEDY] * 2, [0, 0])

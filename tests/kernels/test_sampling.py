@@ -105,6 +105,10 @@ def test_drawn_id_is_a_pure_function_of_seed_position_and_probs():
     one = torch.zeros(2, 300, device=DEVICE)
     one[0, 123] = one[1, 299] = 0.5
     assert exponential_sample(one, seeds, pos).tolist() == [123, 299]
+    # ties go to the smallest index, as torch.argmax (an all-zero row: every score ties at 0)
+    zero = torch.zeros(2, 1500, device=DEVICE)
+    assert exponential_sample(zero, seeds, pos).tolist() == [0, 0]
+    assert R.exponential_sample_ref(zero.cpu(), seeds.cpu(), pos.cpu()).tolist() == [0, 0]
 
 
 def test_uniforms_and_draws_are_statistically_sane():

@@ -102,6 +102,24 @@ def test_sampled_chat_equal_and_reproducible(pipes):
     assert a == b and eng.last_token_ids() == ref.last_token_ids()
 
 
+def test_generator_use(pipes):
+    """A greedy request leaves its generator alone (it drives only the diffusion noise); a sampled
+    one takes exactly one seed from it, whatever the answer's length."""
+    from dreamllm_fast.sampling import draw_seed
+
+    eng, _ = pipes
+    g = torch.Generator().manual_seed(8)
+    state = g.get_state()
+    eng.chat(MSGS, max_new_tokens=20, generator=g)
+    assert torch.equal(g.get_state(), state)
+    for n in (5, 30):
+        g = torch.Generator().manual_seed(8)
+        eng.chat(MSGS, max_new_tokens=n, generator=g, **HOT)
+        ref = torch.Generator().manual_seed(8)
+        draw_seed(ref)
+        assert torch.equal(g.get_state(), ref.get_state())
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_streamed_equals_non_streamed(pipes, sample):
     eng, ref = pipes
