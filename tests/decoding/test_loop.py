@@ -81,11 +81,12 @@ def test_context_end_finishes_before_any_step_could_overflow(tok):
 
 
 def test_pause_resume_and_budget_spent_on_the_pause(tok):
-    m = stub(tok, dream_every=5)
+    m = stub(tok, dream_every=6)
     ds = m.special.dream_start
+    assert tok.convert_ids_to_tokens(WORDS[6]).startswith("\u2581"), "segment 2 must start on a word"
     s, logits = _prefilled(m)
     loop = DecodeLoop(m, tok, m.max_len)
-    seq = loop.add(s, logits, SamplingParams(max_new_tokens=12), pause_ids={ds})
+    seq = loop.add(s, logits, SamplingParams(max_new_tokens=14), pause_ids={ds})
 
     def until_pause():
         ev = []
@@ -94,20 +95,33 @@ def test_pause_resume_and_budget_spent_on_the_pause(tok):
         return ev
 
     ev = until_pause()
-    assert ev[-1].kind == "pause" and ev[-1].token == ds and seq.token_ids == WORDS[:5] + [ds]
-    assert "".join(e.text for e in ev) == tok.decode(WORDS[:5]), "the pause flushes the segment"
-    assert s.length == PROMPT + 5, "the session is committed before the owner sees the pause"
+    assert ev[-1].kind == "pause" and ev[-1].token == ds and seq.token_ids == WORDS[:6] + [ds]
+    assert "".join(e.text for e in ev) == tok.decode(WORDS[:6]), "the pause flushes the segment"
+    assert s.length == PROMPT + 6, "the session is committed before the owner sees the pause"
     s.extend_dream(torch.zeros(17, 4), list(range(1, 17)))  # the dream branch, then the image span
     loop.resume(seq, s.extend(torch.zeros(259, 4)))
     ev = until_pause()
-    assert seq.token_ids == WORDS[:5] + [ds] + WORDS[5:10] + [ds]
-    # a new segment: decoded on its own (its first piece's leading space stripped, as between images)
-    assert "".join(e.text for e in ev) == tok.decode(WORDS[5:10])
+    assert seq.token_ids == WORDS[:6] + [ds] + WORDS[6:12] + [ds]
+    # a new segment, decoded on its own as between images: its first word loses its leading space
+    assert "".join(e.text for e in ev) == tok.decode(WORDS[6:12]) and not ev[0].text.startswith(" ")
     loop.resume(seq, s.extend(torch.zeros(3, 4)))
     ev = loop.step()
     assert seq.finish_reason == "length" and [(e.kind, e.token) for e in ev] == [("finish", None)], \
-        "the 12th token was the pause: the image is drawn, then nothing more"
-    assert len(seq.token_ids) == 12
+        "the 14th token was the pause: the image is drawn, then nothing more"
+    assert len(seq.token_ids) == 14
+
+
+def test_a_drain_keeps_the_in_flight_tokens(tok):
+    """b stops at its 11th token while step 10 is in flight: a keeps that step's token (no step is
+    recomputed), so a's 50 tokens cost exactly 49 launches."""
+    m = stub(tok)
+    loop = DecodeLoop(m, tok, m.max_len)
+    a = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50))
+    b = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50), stop_ids={WORDS[10]})
+    while not a.finished:
+        loop.step()
+    assert b.finish_reason == "stop" and len(b.token_ids) == 11 and a.token_ids == WORDS[:50]
+    assert m.launches == 49
 
 
 def test_many_sequences_joining_and_leaving_equal_solo_runs(tok):
