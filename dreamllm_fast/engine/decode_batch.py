@@ -2,7 +2,7 @@
 
 The loop builds one per set of running sequences (`EngineModel.decode_batch`). Building copies the
 rows' host state into the static `DecodeBuffers` once: previous ids, cache lengths, slots, `inc`
-(1 live row, 0 padding), per-row sampling settings and Philox seeds (11 small host->device copies).
+(1 live row, 0 padding), per-row sampling settings and Philox seeds (9 small host->device copies).
 After that a step is one replay of the captured self-advancing step (or the same function eagerly
 on the CPU / without graphs) and an async copy of the drawn ids into pinned host memory.
 """
