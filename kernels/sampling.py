@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import is_interpret, is_tracing, jit, launch, next_pow2, register_triton_op
+from ._utils import is_interpret, is_tracing, next_pow2, register_triton_op
 
 
 @triton.jit
@@ -97,18 +97,31 @@ def _get_scratch(device, B):
     return buf
 
 
+def _meta(V: int):
+    """(vocabulary programs per row, constexprs/options) for a V-wide vocabulary."""
+    block_v = min(1024, max(16, next_pow2(V)))  # 7B vocabulary 32008: 32 programs per row
+    return -(-V // block_v), dict(BLOCK_V=block_v, num_warps=1 if is_interpret() else 4)
+
+
+_PLANS: dict = {}  # V -> _meta(V); host ints only (triton.cdiv on the host costs ~3 us a call)
+
+
+def _launch(kernel, probs, seeds, positions, out, packed, count, noise_out, write_noise, plan):
+    kernel[(probs.shape[0], plan[0])](
+        probs, seeds, positions, out, packed, count, noise_out,
+        probs.shape[1],
+        probs.stride(0), noise_out.stride(0),
+        WRITE_NOISE=write_noise, **plan[1],
+    )
+
+
 @register_triton_op("exponential_sample", mutates_args=("out", "packed", "count", "noise_out"))
-def _exponential_sample_launch(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+def _exponential_sample_traced(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                                out: torch.Tensor, packed: torch.Tensor, count: torch.Tensor,
                                noise_out: torch.Tensor, write_noise: bool) -> None:
-    B, V = probs.shape
-    block_v = min(1024, max(16, next_pow2(V)))  # 7B vocab 32008: 32 programs per row
-    jit(_exponential_sample_kernel)[(B, triton.cdiv(V, block_v))](
-        probs, seeds, positions, out, packed, count, noise_out,
-        V,
-        probs.stride(0), noise_out.stride(0),
-        BLOCK_V=block_v, WRITE_NOISE=write_noise, num_warps=4 if not is_interpret() else 1,
-    )
+    """The launch as torch.compile / fake modes see it: the kernel through wrap_triton."""
+    _launch(torch.library.wrap_triton(_exponential_sample_kernel), probs, seeds, positions, out, packed,
+            count, noise_out, write_noise, _meta(probs.shape[1]))
 
 
 def exponential_sample(probs, seeds, positions, out=None, noise_out=None):
@@ -139,7 +152,14 @@ def exponential_sample(probs, seeds, positions, out=None, noise_out=None):
     if B == 0:
         return out
     packed, count = _get_scratch(probs.device, B)
-    launch(_exponential_sample_launch, probs, seeds, positions, out, packed, count, noise_out, write_noise)
+    if is_tracing(probs):
+        _exponential_sample_traced.op(probs, seeds, positions, out, packed, count, noise_out, write_noise)
+        return out
+    plan = _PLANS.get(V)
+    if plan is None:
+        plan = _PLANS[V] = _meta(V)
+    # eager: the raw kernel (no dispatcher, no wrap_triton: ~0.2-1 ms of host time per call there)
+    _launch(_exponential_sample_kernel, probs, seeds, positions, out, packed, count, noise_out, write_noise, plan)
     return out
 
 
