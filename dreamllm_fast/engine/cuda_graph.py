@@ -17,7 +17,10 @@ never clobber the other's state:
 
 Each (size, mode) graph is captured largest size first into one shared memory pool after two
 warm-up runs (the warm-ups compile/autotune the Triton kernels and allocate the kernels' cached
-scratch, so the graph sees no first-call work). Padding rows carry zero embeddings / id 0, length 0,
+scratch, so the graph sees no first-call work). Warm-up, capture and replay go through a graph
+backend (`warmup(fn)`, `capture(fn) -> (graph, out)`, `replay(graph)`, `synchronize()`):
+`CudaGraphBackend` by default; a stand-in that re-runs the step at replay lets the whole runner
+run on the CPU (tests/decoding/test_engine_loop.py). Padding rows carry zero embeddings / id 0, length 0,
 inc 0 and the cache's scratch slot, so they write only scratch K/V and never touch a live sequence.
 Outputs are views into graph memory: callers clone them before the next replay.
 """
@@ -83,12 +86,46 @@ class DecodeBuffers:
 StepFn = Callable[[int, str], torch.Tensor]  # (rows, mode) -> logits [rows, V], reads DecodeBuffers
 
 
+class CudaGraphBackend:
+    """Real CUDA graphs: warm-ups and captures on a side stream, every graph in one memory pool."""
+
+    name = "cuda"
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.pool = None
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def warmup(self, fn, runs: int = 2) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for _ in range(runs):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        torch.cuda.synchronize(self.device)
+
+    def capture(self, fn):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
+            out = fn()
+        if self.pool is None:
+            self.pool = g.pool()
+        return g, out
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
 class CudaGraphRunner:
     """Captured `step_fn(bs, mode)` for every capture size and mode (see the module docstring)."""
 
     def __init__(self, step_fn: StepFn, buffers: DecodeBuffers, capture_sizes: Sequence[int],
-                 device, modes: Sequence[str] = MODES, debug: bool = False):
+                 device, modes: Sequence[str] = MODES, debug: bool = False, backend=None):
         self.step_fn = step_fn
+        self.backend = backend  # None: CudaGraphBackend at capture
         self.bufs = buffers
         self.sizes = sorted({int(s) for s in capture_sizes})
         assert self.sizes and self.sizes[0] >= 1, f"capture sizes must be >= 1, got {capture_sizes}"
@@ -98,7 +135,7 @@ class CudaGraphRunner:
         self.modes = tuple(modes)
         self.device = torch.device(device)
         self.debug = debug
-        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, str], object] = {}
         self.step_outputs: dict[tuple[int, str], torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # mode "logits" by size (tests poison these)
         self.skipped: dict[str, str] = {}  # optional modes whose capture failed -> reason
@@ -108,27 +145,24 @@ class CudaGraphRunner:
     @torch.no_grad()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        pool = None
-        stream = torch.cuda.Stream(device=self.device)
+        if self.backend is None:
+            self.backend = CudaGraphBackend(self.device)
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
             for mode in self.modes:
                 if mode in self.skipped:
                     continue
                 self.bufs.reset()  # warm-ups and capture write scratch K/V only
+
+                def step(bs=bs, mode=mode):
+                    return self.step_fn(bs, mode)
+
                 try:
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):  # compile + autotune + scratch allocation happen here
-                            self.step_fn(bs, mode)
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    torch.cuda.synchronize(self.device)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, stream=stream):
-                        out = self.step_fn(bs, mode)
+                    self.backend.warmup(step)  # compile + autotune + scratch allocation happen here
+                    g, out = self.backend.capture(step)
                 except Exception as e:
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     if mode in OPTIONAL_MODES:
-                        torch.cuda.synchronize(self.device)
+                        self.backend.synchronize()
                         self.skipped[mode] = why
                         warnings.warn(f"CUDA graph capture of the '{mode}' decode step failed ({why}); "
                                       f"those steps run eagerly (same numbers, more launch overhead)")
@@ -136,14 +170,14 @@ class CudaGraphRunner:
                     raise RuntimeError(
                         f"CUDA graph capture of the '{mode}' decode step failed at batch size {bs} "
                         f"({why}); {CAPTURE_REMEDIES}") from e
-                pool = g.pool()
                 self.graphs[(bs, mode)] = g
                 self.step_outputs[(bs, mode)] = out
                 if mode == "logits":
                     self.outputs[bs] = out
         self.bufs.reset()
-        torch.cuda.synchronize(self.device)
-        self._ptrs = self.bufs.pointers()
+        self.backend.synchronize()
+        if self.debug:  # (fake tensors have no data pointers: read them only when asked)
+            self._ptrs = self.bufs.pointers()
         self.capture_seconds = time.perf_counter() - t0
 
     def padded_size(self, bs: int) -> int:
@@ -171,5 +205,5 @@ class CudaGraphRunner:
         """Replays the (padded, mode) graph; returns a view of its first `bs` logits rows."""
         if self.debug:
             assert self.bufs.pointers() == self._ptrs, "static input buffers moved since capture"
-        self.graphs[(padded, mode)].replay()
+        self.backend.replay(self.graphs[(padded, mode)])
         return self.step_outputs[(padded, mode)][:bs]

@@ -103,6 +103,119 @@ def test_batched_sequences_draw_their_solo_tokens(parts):
     assert len(set(solo[1])) > 10, "the hot row is not a degenerate sequence"
 
 
+class _StandInGraphs:
+    """A graph backend with no driver: capture runs the step once, replay runs it again and writes
+    the new outputs into the captured ones (what a replay does to graph memory)."""
+
+    def __init__(self):
+        self.out = {}
+        self.replays = 0
+
+    def warmup(self, fn, runs=2):
+        for _ in range(runs):
+            fn()
+
+    def capture(self, fn):
+        out = fn()
+        self.out[fn] = out
+        return fn, out
+
+    def replay(self, fn):
+        self.out[fn].copy_(fn())
+        self.replays += 1
+
+    def synchronize(self):
+        pass
+
+
+def test_graph_runner_on_the_cpu_with_a_stand_in_backend(parts):
+    """The runner's bookkeeping without a GPU: every (size, mode) captured, outputs poisoned, three
+    sequences padded to a 4-row graph; tokens equal the eager step's, padding rows never advance
+    and never leave the scratch slot; single-token extend goes through the logits graph."""
+    from dreamllm_fast.engine.cuda_graph import MODES, CudaGraphRunner
+
+    eng, _, tok, _ = parts
+    backend = _StandInGraphs()
+    runner = CudaGraphRunner(eng._step, eng.bufs, (1, 2, 4), "cpu", backend=backend)
+    runner.capture()
+    assert set(runner.graphs) == {(n, m) for n in (1, 2, 4) for m in MODES}
+    for out in runner.step_outputs.values():
+        out.fill_(float("nan"))
+    plans = [(GREEDY, 0), (HOT, 1234), (SamplingParams(max_new_tokens=30, do_sample=True, top_p=0.9), 9)]
+
+    def three():
+        loop = DecodeLoop(eng, tok, 2048)
+        seqs, sess = [], []
+        for i, (sp, seed) in enumerate(plans):
+            s = eng.new_session()
+            sess.append(s)
+            seqs.append(loop.add(s, s.extend(_prompt(eng, 20 + i, 4 + i)), sp, seed))
+        padded = 0
+        while not all(q.finished for q in seqs):
+            loop.step()
+            b = eng._active_batch
+            if eng.graphs is not None and b is not None:
+                assert b.graph and b.n == runner.padded_size(b.B)
+                padded += b.n > b.B
+                for r in range(b.B, eng.bufs.capacity):  # padding: never advances, scratch slot only
+                    assert eng.bufs.step_lens[r] == 0 and eng.bufs.step_slots[r] == eng.cache.scratch_slot
+        assert eng.graphs is None or padded > 10, "three rows should have run padded to four"
+        loop.close()
+        for s in sess:
+            s.close()
+        return [q.token_ids for q in seqs]
+
+    eng.graphs = runner
+    try:
+        got = three()
+        assert backend.replays > 30
+        s = eng.new_session()
+        s.extend(_prompt(eng))
+        one = s.extend(eng.embed_tokens([7]))  # 1 token: the logits graph
+        s.close()
+    finally:
+        eng.graphs = None
+    assert got == three()
+    s = eng.new_session()
+    s.extend(_prompt(eng))
+    assert torch.equal(one, s.extend(eng.embed_tokens([7])))
+    s.close()
+
+
+def test_a_failed_sampling_capture_falls_back_to_the_eager_step(parts):
+    from dreamllm_fast.engine.cuda_graph import CudaGraphRunner
+
+    eng, _, tok, _ = parts
+    calls = {"sample": 0}
+
+    def step(n, mode):
+        if mode == "sample":
+            calls["sample"] += 1
+            if calls["sample"] == 3:  # two warm-ups pass, the capture fails (e.g. a sort that syncs)
+                raise RuntimeError("operation not permitted when stream is capturing")
+        return eng._step(n, mode)
+
+    runner = CudaGraphRunner(step, eng.bufs, (1,), "cpu", backend=_StandInGraphs())
+    with pytest.warns(UserWarning, match="'sample' decode step failed"):
+        runner.capture()
+    assert "sample" in runner.skipped and (1, "greedy") in runner.graphs
+    eng.graphs = runner
+    s = eng.new_session()
+    try:
+        s.extend(_prompt(eng))
+        b = eng.decode_batch([s], [5], [HOT], [1])
+        assert not b.graph, "a sampled batch must run the eager step when its graph is missing"
+        b.launch()
+        b.result()
+        b.close([s.length])
+        b = eng.decode_batch([s], [5], [GREEDY], [0])
+        assert b.graph
+        b.close([s.length])
+    finally:
+        eng.graphs = None
+        s.close()
+
+
 _FAKE_CUDA_SCRIPT = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
