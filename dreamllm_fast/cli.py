@@ -177,6 +177,8 @@ def cmd_demo(args) -> int:
                         generator=_generator(args, pipe))
     paths = _write_document(doc, out, "demo_interleaved")
     print(f"({sum(isinstance(x, str) for x in doc)} text part(s), {len(paths)} image(s))")
+    if not paths:
+        print(f"(no <dream_start> within {args.max_new_tokens} tokens, so no image: raise --max-new-tokens)")
     _print_timings(pipe.last_timings)
     return 0
 
@@ -304,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=False)
     _add_image_args(p, steps=20)
     p.add_argument("--out-dir", default="dreamllm_demo", help="where the PNGs go")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    # The tiny checkpoint's interleaved answer is 70 tokens, <dream_start>, an image, 40 tokens,
+    # </s> (112 in all): the default must reach past the image, or the demo shows no image.
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("chat", help="answer a question about images")

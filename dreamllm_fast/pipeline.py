@@ -1,15 +1,29 @@
 """Public API: `DreamLLMPipeline` for chat, text-to-image and interleaved documents.
 
-The pipeline owns the request logic (validation, prompt layout, sampling, the diffusion loop, image
-feedback); a backend owns the model math. Backends expose the same small interface:
+The pipeline owns the request logic (validation, prompt layout, the diffusion loop, image
+feedback); the decode loop (dreamllm_fast/decoding.py) owns token generation; a backend owns the
+model math. Backends expose the same small interface:
 
     embed_tokens(ids) -> [n, H]            encode_images(pixels) -> [N, P, H]
     dream_queries [Q, H]                   new_session() -> session
     unet_eps(sample, t, context) -> eps    vae_decode(latents) -> image in [-1, 1]
     session.extend(embeds) -> logits [V]   session.extend_dream(embeds, rows) -> condition [Q, C]
+    session.length (positions cached)      session.truncate(length); session.close()
+
+    decode_batch(sessions, token_ids, params, seeds) -> batch    (the decode loop's step)
+        token_ids: each session's previous token (host ints, not yet in its cache);
+        params: SamplingParams per row; seeds: 63-bit Philox keys per row (0 when greedy).
+    batch.launch()          enqueue one step: every row feeds its previous token at position
+                            base + steps and draws the next on the device (never blocks)
+    batch.result() -> ids   host ids of the oldest unread step (waits for that step only)
+    batch.inflight          steps launched and not yet read (at most 2)
+    batch.logits            fp32 [B, V] of the latest launched step (valid until the next launch)
+    batch.close(lengths)    drain, then commit each session's accepted length
+    batch.abort()           after an error: release without committing
 
 ``backend="reference"`` is the transformers + diffusers oracle (dreamllm_fast/reference);
-the fast engine plugs in behind the same interface.
+``backend="engine"`` the fast engine (dreamllm_fast/engine); dreamllm_fast/stub.py a backend
+whose math costs nothing (host-overhead benchmark, loop tests).
 
 Each call is a list of named, timed steps (check_inputs -> encode -> prefill -> decode ->
 condition -> diffuse -> decode_latents); `last_timings` holds the seconds of the latest call.
@@ -31,7 +45,8 @@ from .diffusion import (check_diffusion_args, decode_latents, denoise, make_sche
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
 from .prompt import Prompt, PromptBuilder
-from .sampling import SamplingParams, sample_token
+from .decoding import DecodeLoop
+from .sampling import SamplingParams, draw_seed
 
 BACKENDS = ("reference", "engine")
 
@@ -47,7 +62,12 @@ class DreamLLMPipeline:
         self.prompts = PromptBuilder(tokenizer, self.config, self.special)
         self.preprocess = ImagePreprocessor(self.config.vision.preprocessor)
         self.progress = progress
-        self.max_len = self.config.llm.max_position_embeddings
+        # the context: the model's positions, or less when the engine's cache holds fewer
+        self.max_len = min(self.config.llm.max_position_embeddings,
+                           getattr(model, "max_len", None) or self.config.llm.max_position_embeddings)
+        self.run_ahead = True  # the decode loop enqueues step n+1 before reading step n
+        self.record_logits = False  # tests: keep every token's logits in last_sequence.logits
+        self.last_sequence = None
         self.last_timings: dict[str, float] = {}
         self._lock = threading.Lock()
         self._uncond: Optional[torch.Tensor] = None  # the empty prompt's condition: a constant
@@ -285,45 +305,52 @@ class DreamLLMPipeline:
         return list(self._last_ids)
 
     def _decode_text(self, prompt: Prompt, sp: SamplingParams, generator, stops, images):
-        """Prefill, then decode; yields text pieces, and PIL images when `images` is a dict of
-        diffusion settings (interleaved generation)."""
+        """Prefill, then the decode loop with this one sequence; yields text pieces, and PIL images
+        when `images` is a dict of diffusion settings (interleaved generation: `<dream_start>`
+        pauses the sequence, the dream branch runs here, the sequence resumes after the image).
+
+        Randomness: a sampled request draws one seed from `generator` before anything else; its
+        tokens' noise is a function of (seed, position), and the generator goes on to drive the
+        diffusion noise. A greedy request draws nothing.
+        """
         self._last_ids: list[int] = []
+        seq = None
+        seed = draw_seed(generator) if sp.do_sample else 0
         session = self.model.new_session()
+        loop = DecodeLoop(self.model, self.tokenizer, self.max_len, run_ahead=self.run_ahead,
+                          record_logits=self.record_logits)
         try:
             emb = self._embed_prompt(prompt)
             with self._step("prefill"):
                 logits = session.extend(emb)
-            text_ids: list[int] = []
-            emitted = ""
+            pause = {self.special.dream_start} if images is not None else ()
+            seq = loop.add(session, logits, sp, seed, stop_ids=stops, pause_ids=pause)
+            self.last_sequence = seq
             n_images = 0
             Q, P = self.model.dream_queries.shape[0], self.config.vision.num_patches
-            t0 = time.perf_counter()
-            for _ in range(sp.max_new_tokens):
-                tok = int(sample_token(logits, sp, generator))
-                self._last_ids.append(tok)
-                if tok in stops:
-                    break
-                if images is not None and tok == self.special.dream_start:
-                    # <dream_start> Q.. then the image span: stop if the context cannot hold it.
-                    if n_images >= images["max_images"] or session.length + Q + P + 4 > self.max_len:
-                        break
-                    self.last_timings["decode"] = self.last_timings.get("decode", 0.0) + time.perf_counter() - t0
-                    image, logits = self._dream(session, images, generator)
-                    n_images += 1
-                    text_ids, emitted = [], ""
-                    yield image
-                    t0 = time.perf_counter()
-                    continue
-                text_ids.append(tok)
-                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted):]
-                    emitted = text
-                if session.length >= self.max_len:
-                    break
-                logits = session.extend(self.model.embed_tokens([tok]))
-            self.last_timings["decode"] = self.last_timings.get("decode", 0.0) + time.perf_counter() - t0
+            while not seq.finished:
+                t0 = time.perf_counter()
+                events = loop.step()
+                self.last_timings["decode"] = self.last_timings.get("decode", 0.0) + time.perf_counter() - t0
+                for ev in events:
+                    if ev.text:
+                        yield ev.text
+                    if ev.kind == "pause":
+                        # <dream_start> Q.. then the image span: stop if the context cannot hold it.
+                        if n_images >= images["max_images"]:
+                            loop.finish(seq, "max_images")
+                            break
+                        if session.length + Q + P + 4 > self.max_len:
+                            loop.finish(seq, "context")
+                            break
+                        image, logits = self._dream(session, images, generator)
+                        n_images += 1
+                        yield image
+                        loop.resume(seq, logits)
         finally:
+            if seq is not None:
+                self._last_ids = seq.token_ids
+            loop.close()
             session.close()
 
     def _dream(self, session, opts, generator):

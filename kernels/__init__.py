@@ -10,6 +10,7 @@ Public ops, dispatched on the device of their first tensor argument:
     rmsnorm(x, weight, eps, residual=None, out=None, residual_out=None) -> normed | (normed, h)
     silu_and_mul(gate_up, out=None) -> out
     rope_cos_sin(max_pos, head_dim, theta=10000.0, device=None) -> (cos, sin)
+    exponential_sample(probs, seeds, positions, out=None, noise_out=None) -> ids
 
 CUDA tensors run the Triton launcher (``<op>.py``, imported lazily on first use); anything else runs
 the torch oracle in ``reference.py`` (the CPU fallback). ``DREAMLLM_KERNELS=triton`` forces Triton
@@ -30,7 +31,7 @@ from . import reference as _ref
 from .reference import rope_cos_sin_ref as rope_cos_sin
 
 __all__ = ["append_attention", "decode_attention", "dream_projection", "rmsnorm", "silu_and_mul",
-           "rope_cos_sin", "set_backend", "backend"]
+           "rope_cos_sin", "set_backend", "backend", "exponential_sample"]
 
 _BACKENDS = ("auto", "triton", "ref")
 _backend = ["auto"]  # one cell, read by every call: os.environ.get measured 2 us per call here
@@ -103,9 +104,14 @@ def silu_and_mul(gate_up, out=None):
     return fn(gate_up, out=out)
 
 
+def exponential_sample(probs, seeds, positions, out=None, noise_out=None):
+    fn = _launcher("exponential_sample", module="sampling") if _use_triton(probs) else _ref.exponential_sample_ref
+    return fn(probs, seeds, positions, out=out, noise_out=noise_out)
+
+
 for _f, _r in ((append_attention, _ref.append_attention_ref), (decode_attention, _ref.decode_attention_ref),
                (dream_projection, _ref.dream_projection_ref), (rmsnorm, _ref.rmsnorm_ref),
-               (silu_and_mul, _ref.silu_and_mul_ref)):
+               (silu_and_mul, _ref.silu_and_mul_ref), (exponential_sample, _ref.exponential_sample_ref)):
     _f.__doc__ = (_r.__doc__ or "") + "\n    Dispatch: Triton launcher for CUDA tensors, this oracle otherwise."
 
 _PUBLIC = {name: globals()[name] for name in __all__}

@@ -27,6 +27,9 @@ __all__ = [
     "dream_projection_ref",
     "rmsnorm_ref",
     "silu_and_mul_ref",
+    "philox4x32_10_ref",
+    "exponential_noise_ref",
+    "exponential_sample_ref",
 ]
 
 
@@ -179,4 +182,79 @@ def dream_projection_ref(hidden, rows, norm_weight, proj_weight, eps, out=None):
     if out is None:
         return y
     out.copy_(y)
+    return out
+
+
+# -- sampling: counter-based Philox noise + the exponential race ---------------------------------
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; Random123).
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key bumps (golden ratio, sqrt(3) - 1)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of the 64-bit product a * m, for a: int64 in [0, 2^32), m < 2^32.
+
+    int64 cannot hold the full product (up to 2^64), so it is assembled from 16-bit halves; every
+    partial sum stays below 2^34.
+    """
+    ah, al = a >> 16, a & 0xFFFF
+    mh, ml = m >> 16, m & 0xFFFF
+    t = al * ml
+    mid = ah * ml + al * mh + (t >> 16)
+    lo = ((mid & 0xFFFF) << 16) | (t & 0xFFFF)
+    hi = ah * mh + (mid >> 16)
+    return hi, lo
+
+
+def philox4x32_10_ref(c0, c1, c2, c3, k0, k1):
+    """Philox4x32 with 10 rounds on int64 tensors holding uint32 values (broadcastable shapes).
+
+    Counter (c0, c1, c2, c3), key (k0, k1) -> four uint32 outputs as int64 tensors. Bit-exact with
+    Random123's philox4x32_R(10, ...) (known-answer vectors in tests/kernels/test_sampling.py).
+    """
+    c0, c1, c2, c3, k0, k1 = (torch.as_tensor(x, dtype=torch.int64) & _U32 for x in (c0, c1, c2, c3, k0, k1))
+    for r in range(10):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _U32
+            k1 = (k1 + PHILOX_W1) & _U32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def exponential_noise_ref(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The exponential noise q[b, v] = -log(u) of row b: [B] seeds, [B] positions -> [B, V] fp32.
+
+    u = (r0 + 0.5) / 2^32 with r0 the first Philox4x32-10 output for counter (v, position, 0, 0) and
+    key (seed low 32 bits, seed high 32 bits): a pure function of (seed, position, v), u in (0, 1).
+    The log runs in float64 and is rounded once to float32, so every correct libm (numpy, Sleef,
+    CUDA libdevice) gives the same float32 bits except on rounding-boundary cases (~2^-29 of draws).
+    """
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
+    pos = positions.to(torch.int64).reshape(-1, 1)
+    v = torch.arange(vocab, dtype=torch.int64, device=seeds.device).reshape(1, -1)
+    r0, _, _, _ = philox4x32_10_ref(v, pos, 0, 0, seeds & _U32, (seeds >> 32) & _U32)
+    u = (r0.to(torch.float64) + 0.5) * 2.0 ** -32
+    return (-torch.log(u)).to(torch.float32)
+
+
+def exponential_sample_ref(probs, seeds, positions, out=None, noise_out=None):
+    """Exponential-race draw (gpt-fast's trick, keyed Philox noise): ids[b] = argmax_v probs[b, v] / q[b, v].
+
+    probs: [B, V] non-negative (need not sum to 1: the argmax is scale-free); seeds: [B] int64
+    (63-bit); positions: [B] int32/int64 (the sequence position of the token being drawn).
+    With q ~ Exp(1) i.i.d., the argmax is distributed as probs / sum(probs). fp32 IEEE division;
+    ties go to the smallest index. out: [B] int64 or None; noise_out: [B, V] fp32 or None (gets q).
+    Returns out.
+    """
+    B, V = probs.shape
+    q = exponential_noise_ref(seeds.to(probs.device), positions.to(probs.device), V)
+    ids = torch.argmax(probs.float() / q, dim=-1)
+    if noise_out is not None:
+        noise_out.copy_(q)
+    if out is None:
+        return ids
+    out.copy_(ids)
     return out

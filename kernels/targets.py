@@ -3,7 +3,8 @@
     python -m dreamllm_fast.kernels.targets [--arch 90 80] [--dtype bf16 fp16] [--jobs N]
                                             [--typing triton inductor] [--extra FILE.py] [--json OUT]
 
-1. Record: the engine's own code (``LlamaRunner`` prefill and decode, ``dream_projection``) runs
+1. Record: the engine's own code (``LlamaRunner`` prefill and decode, ``dream_projection``,
+   the decode loop's ``exponential_sample``) runs
    once per call site on meta tensors at the released 7B shapes with every kernel's ``run``
    replaced by a recorder, so constexprs, dtypes, strides, grids, warps and stages are exactly
    what the launchers choose (plans use the target's SM count: 132 for sm_90, 108 for sm_80).
@@ -145,6 +146,9 @@ def _engine_sites(site, dtype, configs):
                 runner.decode_step(meta(B, H), lens(B), lens(B))
     finally:
         dmod.DEFAULT_CONFIG = default
+    for B in DECODE_BATCHES:  # the decode loop's sampling step (fp32 probabilities over the vocabulary)
+        site["name"] = f"sample B={B}"
+        K.exponential_sample(meta(B, V, dt=torch.float32), meta(B, dt=torch.int64), lens(B))
     C, Q = cfg.diffusion.cross_attention_dim, cfg.num_dream_queries
     for T, N in ((Q + 2, Q), (2 * (Q + 2), 2 * Q), (770 + Q + 2, Q)):
         site["name"] = f"dream_projection T={T} N={N}"
@@ -167,7 +171,8 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
 
     assert not _utils.is_interpret(), "compile checks need TRITON_INTERPRET unset (they compile real PTX)"
     mods = [importlib.import_module(f"{__package__}.{m}")
-            for m in ("rmsnorm", "swiglu", "append_attention", "decode_attention", "dream_projection")]
+            for m in ("rmsnorm", "swiglu", "append_attention", "decode_attention", "dream_projection",
+                      "sampling")]
     extra_mods = [_load_file(p) for p in extra]
     _utils.set_standin_sm_count(ARCHS[arch]["sms"])
     prev = K.backend()

@@ -354,6 +354,9 @@ def bench_interleaved(models: dict, s: BenchSettings) -> list[dict]:
              m.device, None, tokens=s.interleaved_tokens, images=s.interleaved_images)])
 
 
+from ..host_overhead import bench_decode_loop, bench_host_overhead  # noqa: E402  (decode loop's stages)
+
 RUNNERS = {"vision": bench_vision, "prefill": bench_prefill, "decode": bench_decode,
            "dream": bench_dream, "projection": bench_projection, "unet": bench_unet,
-           "vae": bench_vae, "t2i": bench_t2i, "interleaved": bench_interleaved}
+           "vae": bench_vae, "t2i": bench_t2i, "interleaved": bench_interleaved,
+           "host": bench_host_overhead, "decode_loop": bench_decode_loop}

@@ -123,7 +123,9 @@ def run(ctx: int = 2048, plants: bool = True, real: bool = False) -> dict:
         model = report.pop("_model")
         if not real:
             report["launches per step"] = {
-                "decode batch 1": count_launches(lambda: model.llm.decode_step(*model.graphs._args(1))),
+                "decode batch 1 (logits)": count_launches(lambda: model._step(1, "logits")),
+                "decode loop batch 1 (greedy)": count_launches(lambda: model._step(1, "greedy")),
+                "decode loop batch 1 (sample)": count_launches(lambda: model._step(1, "sample")),
                 "prefill bucket 832": count_launches(model.prefill._step(832)),
             }
             if plants:
@@ -158,6 +160,9 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
         with stage(f"decode batch {bs}"):
             out = model.extend_batch([s, s2][:bs], [model.embed_tokens([7])] * bs)
         shapes[f"decode logits batch {bs}"] = list(out.shape)
+        for mode in ("greedy", "sample"):  # the decode loop's self-advancing steps (padding rows)
+            with stage(f"decode loop step batch {bs} ({mode})"):
+                backend.replay(model.graphs.graphs[(bs, mode)])
     with stage("dream branch (65 rows)"):
         cond = s.extend_dream(torch.cat([model.embed_tokens([sp.dream_start]), model.dream_queries]),
                               list(range(1, Q + 1)))
@@ -205,7 +210,8 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
         "graph_pool_bytes": backend.pool_bytes(),
         "graphs": {"captured": len(model.prefill.graphs) + len(model.graphs.graphs),
                    "replayed in the stages": getattr(backend, "replays", 0) - replays,
-                   "prefill buckets": len(model.prefill.graphs), "decode sizes": len(model.graphs.graphs)},
+                   "prefill buckets": len(model.prefill.graphs), "decode sizes": len(model.graphs.sizes),
+                   "decode graphs": len(model.graphs.graphs)},  # (size, mode): logits, greedy, sample
         "stages": stage.rows, "shapes": shapes,
         "peak_tracked_bytes": peak, "untracked_allowance_bytes": UNTRACKED_ALLOWANCE,
         "peak_estimate_bytes": peak + UNTRACKED_ALLOWANCE, "bound_bytes": MEMORY_BOUND,
@@ -234,7 +240,7 @@ def _plants(model, backend) -> dict:
     def sync(orig):
         return lambda x, *a, **k: (torch.cuda.synchronize(), orig(x, *a, **k))[1]
 
-    decode = lambda: model.llm.decode_step(*model.graphs._args(1))  # noqa: E731
+    decode = lambda: model._step(1, "sample")  # noqa: E731  (the loop's step: decoder + sampling)
     prefill = model.prefill._step(model.prefill.buckets[0])
     cases = {
         ".item() in the decode step": ("rmsnorm", item, decode),

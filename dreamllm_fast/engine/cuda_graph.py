@@ -1,30 +1,41 @@
 """`CudaGraphRunner`: captured decode steps at a few batch sizes (style.md §12; SGLang's runner).
 
-The runner owns max-size static input buffers (embeddings, cache lengths, slot ids) and one captured
-graph per capture size, all captured largest-first into one shared memory pool after two warm-up
-runs each (the warm-ups compile/autotune the Triton kernels and allocate the decode kernel's cached
-split-KV scratch, so the graph sees no first-call work). A call:
+Two kinds of step share the runner, each over its own static inputs (`DecodeBuffers`), so one can
+never clobber the other's state:
 
-    if runner.can_run(bs):
-        padded = runner.prepare(embeds, cache_lens, slot_ids)  # copies into the static buffers
-        logits = runner.replay(bs, padded)                     # view of the graph's output
+- mode "logits": `session.extend` of one token per session (the bench's forward-only figure, the
+  parity tests): embeds [B, H] + cache lengths + slots -> fp32 logits [B, V]. A call:
 
-`prepare` pads to the next capture size (bisect); padding rows carry zero embeddings, length 0 and
-the cache's scratch slot, so they write only scratch K/V and never touch a live sequence. Positions
-are device tensors filled with `fill_` (a kernel argument, not a host->device copy), so a replay
-needs no host sync. The output is a view into graph memory: callers clone it before the next replay.
+      padded = runner.prepare(embeds, cache_lens, slot_ids)  # copies into the static buffers
+      logits = runner.replay(bs, padded)                     # view of the graph's output
+
+- modes "greedy" and "sample": the decode loop's self-advancing step. It embeds the previous ids,
+  runs the decoder, samples the next ids on the device (per-row settings and Philox keys, see
+  dreamllm_fast/sampling.py), writes them back into its own `ids` input and adds `inc` (1 for a
+  live row, 0 for padding) to its cache lengths: replaying it again needs no host work at all.
+  "greedy" is argmax only (no sort); "sample" is the full path (greedy rows still argmax).
+
+Each (size, mode) graph is captured largest size first into one shared memory pool after two
+warm-up runs (the warm-ups compile/autotune the Triton kernels and allocate the kernels' cached
+scratch, so the graph sees no first-call work). Warm-up, capture and replay go through a graph
+backend of engine/graphs.py (`warmup(fn)`, `capture(fn) -> (graph, out)`, `replay(graph)`,
+`synchronize()`), shared with the prefill graphs so that every graph lands in one pool:
+`CudaGraphs` by default; `StandInGraphs` re-runs the step at replay, so the whole runner runs on
+the CPU and on fake CUDA tensors (tests/decoding/test_engine_loop.py, engine/check7b.py). Padding rows carry zero embeddings / id 0, length 0,
+inc 0 and the cache's scratch slot, so they write only scratch K/V and never touch a live sequence.
+Outputs are views into graph memory: callers clone them before the next replay.
 """
 from __future__ import annotations
 
 import bisect
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
 
+from ..sampling import SamplingRows
 from .graphs import CudaGraphs
-
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 CAPTURE_REMEDIES = (
     "remedies: (1) pass EngineConfig(use_cuda_graphs=False) to decode eagerly (same numbers, more "
@@ -33,32 +44,72 @@ CAPTURE_REMEDIES = (
     "host and cannot be captured: unset it on CUDA; (3) free GPU memory or lower "
     "EngineConfig.cuda_graph_batch_sizes / max_batch (each size keeps its activations in the pool)"
 )
+MODES = ("logits", "greedy", "sample")
+# A mode whose capture may fail without taking the engine down: its steps then run eagerly.
+OPTIONAL_MODES = ("sample",)
+
+
+class DecodeBuffers:
+    """Static inputs of the decode steps, `capacity` rows (the largest batch)."""
+
+    def __init__(self, capacity: int, hidden_size: int, scratch_slot: int, device, dtype):
+        self.capacity = capacity
+        self.scratch_slot = scratch_slot
+        d = dict(device=device)
+        # mode "logits"
+        self.embeds = torch.zeros(capacity, hidden_size, dtype=dtype, **d)
+        self.cache_lens = torch.zeros(capacity, dtype=torch.int32, **d)
+        self.slot_ids = torch.full((capacity,), scratch_slot, dtype=torch.int32, **d)
+        # modes "greedy" / "sample" (the decode loop's batch)
+        self.ids = torch.zeros(capacity, dtype=torch.int64, **d)
+        self.step_lens = torch.zeros(capacity, dtype=torch.int32, **d)
+        self.step_slots = torch.full((capacity,), scratch_slot, dtype=torch.int32, **d)
+        self.inc = torch.zeros(capacity, dtype=torch.int32, **d)
+        self.rows = SamplingRows(capacity, device)
+
+    def reset(self) -> None:
+        """Safe values everywhere: every row is padding (length 0, scratch slot, no advance)."""
+        self.embeds.zero_()
+        self.cache_lens.zero_()
+        self.slot_ids.fill_(self.scratch_slot)
+        self.ids.zero_()
+        self.step_lens.zero_()
+        self.step_slots.fill_(self.scratch_slot)
+        self.inc.zero_()
+        self.rows.set([], [])
+
+    def pointers(self) -> tuple:
+        r = self.rows
+        return tuple(t.data_ptr() for t in (self.embeds, self.cache_lens, self.slot_ids, self.ids,
+                                            self.step_lens, self.step_slots, self.inc, r.temperature,
+                                            r.top_k, r.top_p, r.greedy, r.seeds))
+
+
+StepFn = Callable[[int, str], torch.Tensor]  # (rows, mode) -> logits [rows, V], reads DecodeBuffers
 
 
 class CudaGraphRunner:
-    """Captured `step_fn(embeds [B, H], cache_lens [B] int32, slot_ids [B] int32) -> [B, V]`."""
+    """Captured `step_fn(bs, mode)` for every capture size and mode (see the module docstring)."""
 
-    def __init__(self, step_fn: StepFn, hidden_size: int, capture_sizes: Sequence[int],
-                 scratch_slot: int, device, dtype, debug: bool = False, backend=None):
+    def __init__(self, step_fn: StepFn, buffers: DecodeBuffers, capture_sizes: Sequence[int],
+                 device, modes: Sequence[str] = MODES, debug: bool = False, backend=None):
         self.step_fn = step_fn
-        self.backend = backend  # engine.graphs backend (None: real CUDA graphs); shares its pool
+        self.backend = backend  # engine.graphs backend; None: real CUDA graphs (CudaGraphs) at capture
+        self.bufs = buffers
         self.sizes = sorted({int(s) for s in capture_sizes})
         assert self.sizes and self.sizes[0] >= 1, f"capture sizes must be >= 1, got {capture_sizes}"
+        assert self.sizes[-1] <= buffers.capacity, "capture sizes exceed the static buffers"
+        assert all(m in MODES for m in modes), f"modes must be among {MODES}, got {modes}"
         self.max_bs = self.sizes[-1]
-        self.scratch_slot = scratch_slot
+        self.modes = tuple(modes)
         self.device = torch.device(device)
         self.debug = debug
-        # static inputs at the largest size; graphs of smaller sizes read leading slices
-        self.embeds = torch.zeros(self.max_bs, hidden_size, device=self.device, dtype=dtype)
-        self.cache_lens = torch.zeros(self.max_bs, device=self.device, dtype=torch.int32)
-        self.slot_ids = torch.full((self.max_bs,), scratch_slot, device=self.device, dtype=torch.int32)
-        self.graphs: dict[int, object] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, str], object] = {}
+        self.step_outputs: dict[tuple[int, str], torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # mode "logits" by size (tests poison these)
+        self.skipped: dict[str, str] = {}  # optional modes whose capture failed -> reason
         self._ptrs = None
         self.capture_seconds = 0.0
-
-    def _args(self, bs: int):
-        return self.embeds[:bs], self.cache_lens[:bs], self.slot_ids[:bs]
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -66,49 +117,62 @@ class CudaGraphRunner:
         if self.backend is None:
             self.backend = CudaGraphs(self.device)
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
-            self.embeds.zero_()
-            self.cache_lens.zero_()
-            self.slot_ids.fill_(self.scratch_slot)  # warm-ups and capture write scratch K/V only
+            for mode in self.modes:
+                if mode in self.skipped:
+                    continue
+                self.bufs.reset()  # warm-ups and capture write scratch K/V only
 
-            def step(bs=bs):
-                return self.step_fn(*self._args(bs))
+                def step(bs=bs, mode=mode):
+                    return self.step_fn(bs, mode)
 
-            try:
-                self.backend.warmup(step)  # compile + autotune + scratch allocation happen here
-                g, out = self.backend.capture(step)
-            except Exception as e:
-                raise RuntimeError(
-                    f"CUDA graph capture of the decode step failed at batch size {bs} "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    f"{CAPTURE_REMEDIES}") from e
-            self.graphs[bs] = g
-            self.outputs[bs] = out
+                try:
+                    self.backend.warmup(step)  # compile + autotune + scratch allocation happen here
+                    g, out = self.backend.capture(step)
+                except Exception as e:
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    if mode in OPTIONAL_MODES:
+                        self.backend.synchronize()
+                        self.skipped[mode] = why
+                        warnings.warn(f"CUDA graph capture of the '{mode}' decode step failed ({why}); "
+                                      f"those steps run eagerly (same numbers, more launch overhead)")
+                        continue
+                    raise RuntimeError(
+                        f"CUDA graph capture of the '{mode}' decode step failed at batch size {bs} "
+                        f"({why}); {CAPTURE_REMEDIES}") from e
+                self.graphs[(bs, mode)] = g
+                self.step_outputs[(bs, mode)] = out
+                if mode == "logits":
+                    self.outputs[bs] = out
+        self.bufs.reset()
         self.backend.synchronize()
         if self.debug:  # (fake tensors have no data pointers: read them only when asked)
-            self._ptrs = (self.embeds.data_ptr(), self.cache_lens.data_ptr(), self.slot_ids.data_ptr())
+            self._ptrs = self.bufs.pointers()
         self.capture_seconds = time.perf_counter() - t0
 
-    def can_run(self, bs: int) -> bool:
-        return bool(self.graphs) and 1 <= bs <= self.max_bs
+    def padded_size(self, bs: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, bs)]
+
+    def can_run(self, bs: int, mode: str = "logits") -> bool:
+        return 1 <= bs <= self.max_bs and (self.padded_size(bs), mode) in self.graphs
 
     def prepare(self, embeds: torch.Tensor, cache_lens: Sequence[int], slot_ids: Sequence[int]) -> int:
-        """Copy one step's inputs into the static buffers; returns the padded (captured) size."""
+        """Mode "logits": copy one step's inputs into the static buffers; returns the padded size."""
+        b = self.bufs
         bs = embeds.shape[0]
-        padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
-        self.embeds[:bs].copy_(embeds)
+        padded = self.padded_size(bs)
+        b.embeds[:bs].copy_(embeds)
         for i in range(bs):  # fill_ passes the int as a kernel argument: no host->device copy
-            self.cache_lens[i].fill_(int(cache_lens[i]))
-            self.slot_ids[i].fill_(int(slot_ids[i]))
+            b.cache_lens[i].fill_(int(cache_lens[i]))
+            b.slot_ids[i].fill_(int(slot_ids[i]))
         if padded > bs:  # safe padding: zero rows at length 0 in the scratch slot
-            self.embeds[bs:padded].zero_()
-            self.cache_lens[bs:padded].zero_()
-            self.slot_ids[bs:padded].fill_(self.scratch_slot)
+            b.embeds[bs:padded].zero_()
+            b.cache_lens[bs:padded].zero_()
+            b.slot_ids[bs:padded].fill_(b.scratch_slot)
         return padded
 
-    def replay(self, bs: int, padded: int) -> torch.Tensor:
-        """Replays the graph of size `padded`; returns a view of its first `bs` output rows."""
+    def replay(self, bs: int, padded: int, mode: str = "logits") -> torch.Tensor:
+        """Replays the (padded, mode) graph; returns a view of its first `bs` logits rows."""
         if self.debug:
-            ptrs = (self.embeds.data_ptr(), self.cache_lens.data_ptr(), self.slot_ids.data_ptr())
-            assert ptrs == self._ptrs, "static input buffers moved since capture"
-        self.backend.replay(self.graphs[padded])
-        return self.outputs[padded][:bs]
+            assert self.bufs.pointers() == self._ptrs, "static input buffers moved since capture"
+        self.backend.replay(self.graphs[(padded, mode)])
+        return self.step_outputs[(padded, mode)][:bs]

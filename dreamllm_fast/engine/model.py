@@ -10,6 +10,9 @@
   eagerly without graphs). All graphs share one memory pool; `graph_memory` reports it.
 - `graph_backend`: real CUDA graphs by default on CUDA; `engine.graphs.StandInGraphs` runs the whole
   capture/replay path without a driver (CPU tests, fake-CUDA checks in engine/check7b.py).
+- `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
+  embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
+  batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
   Modules are built on meta and assigned on the device (no random init, no module.to()).
@@ -35,7 +38,9 @@ from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_devic
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
-from .cuda_graph import CudaGraphRunner
+from ..sampling import SamplingParams, sample_next
+from .cuda_graph import CudaGraphRunner, DecodeBuffers
+from .decode_batch import EngineDecodeBatch
 from .graphs import CudaGraphs
 from .llm import KVCache, LlamaRunner, LlamaWeights, round_up
 from .prefill import PrefillRunner, bucket_gap
@@ -109,6 +114,10 @@ class EngineModel(EagerDiffusionHead):
         self.prefill = PrefillRunner(self.llm, buckets, chunk, ec.max_batch, self.device, self.dtype)
         self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
         self._arange = torch.arange(self.max_len, device=self.device)  # row ids of gathered hidden rows
+        # static inputs of the decode steps (graph inputs on CUDA, the eager step's on the CPU)
+        self.bufs = DecodeBuffers(ec.max_batch, lc.hidden_size, self.cache.scratch_slot, self.device,
+                                  self.dtype)
+        self._active_batch: Optional[EngineDecodeBatch] = None
 
         # -- vision tower + projector ---------------------------------------------------------
         self.clip = build_clip_tower(ckpt, self.device, self.dtype)
@@ -146,15 +155,14 @@ class EngineModel(EagerDiffusionHead):
                 emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
                 self.prefill._pass([emb], [0], [self.cache.scratch_slot])
         if capture_sizes:
-            self.graphs = CudaGraphRunner(self.llm.decode_step, self.weights.embed.shape[1], capture_sizes,
-                                          self.cache.scratch_slot, self.device, self.dtype, backend=backend)
+            self.graphs = CudaGraphRunner(self._step, self.bufs, capture_sizes, self.device, backend=backend)
             self.graphs.capture()
         backend.synchronize()
         self.warmup_seconds = time.perf_counter() - t0
         self.graph_memory = {"pool_bytes": backend.pool_bytes(), "kv_cache_bytes": self.cache.nbytes,
                              "prefill_graphs": len(self.prefill.graphs),
                              "decode_graphs": len(self.graphs.graphs) if self.graphs else 0}
-        log.info("%s graphs: %d prefill buckets (%s..%s tokens) + %d decode sizes in %.1f s; shared pool "
+        log.info("%s graphs: %d prefill buckets (%s..%s tokens) + %d decode graphs in %.1f s; shared pool "
                  "%.1f MiB; KV cache %.1f MiB", backend.name, self.graph_memory["prefill_graphs"],
                  self.prefill.buckets[0] if self.prefill.buckets else "-",
                  self.prefill.buckets[-1] if self.prefill.buckets else "-",
@@ -222,6 +230,28 @@ class EngineModel(EagerDiffusionHead):
         _, cl, sl = self._meta([1] * B, lens, slots)
         return self.llm.decode_step(embeds.to(self.device, self.dtype), cl, sl)
 
+    def _step(self, n: int, mode: str) -> torch.Tensor:
+        """The decode step over the first n rows of `self.bufs` (captured as is on CUDA).
+
+        "logits": embeds -> logits. "greedy" / "sample": ids -> embed -> decoder -> logits; the
+        lengths advance by `inc` (1 live, 0 padding), then the next ids are drawn at the new lengths
+        (the positions the drawn tokens will occupy) and written back into `ids`. Returns the fp32
+        logits [n, V] (graph memory on CUDA).
+        """
+        b = self.bufs
+        if mode == "logits":
+            return self.llm.decode_step(b.embeds[:n], b.cache_lens[:n], b.slot_ids[:n])
+        lens = b.step_lens[:n]
+        logits = self.llm.decode_step(F.embedding(b.ids[:n], self.weights.embed), lens, b.step_slots[:n])
+        lens.add_(b.inc[:n])
+        b.ids[:n].copy_(sample_next(logits, b.rows.view(n), lens, greedy_only=(mode == "greedy")))
+        return logits
+
+    def decode_batch(self, sessions: Sequence["EngineSession"], token_ids: Sequence[int],
+                     params: Sequence[SamplingParams], seeds: Sequence[int]) -> EngineDecodeBatch:
+        """The decode loop's batch over `sessions` (see `EngineDecodeBatch`); one at a time."""
+        return EngineDecodeBatch(self, sessions, token_ids, params, seeds)
+
     @contextlib.contextmanager
     def _guard(self, sessions: Sequence["EngineSession"], ns: Sequence[int], rows=None):
         """Checks before any work; on any exception (checks included) releases every session's slot."""
@@ -286,6 +316,7 @@ class EngineSession:
         self.slot = slot
         self.length = 0
         self._closed = False
+        self._batch = None  # the running EngineDecodeBatch that owns this session's length, if any
         # a session dropped without close() still gives its slot back
         self._finalizer = weakref.finalize(self, model._release, slot)
 
@@ -300,13 +331,27 @@ class EngineSession:
                 f"{n}); the model's context is {self.m.max_len}: shorten the prompt, request fewer "
                 "tokens or images")
 
+    def _not_decoding(self) -> None:
+        if self._batch is not None:  # its device length runs ahead of self.length until commit
+            raise InvalidInputError("this session is in a running decode batch: finish or pause it in "
+                                    "the DecodeLoop before extending it")
+
     def extend(self, embeds: torch.Tensor) -> torch.Tensor:
         """Append [n, H] embeddings; returns the fp32 logits of the last position, [V]."""
+        self._not_decoding()
         return self.m.extend_batch([self], [embeds])[0]
 
     def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""
+        self._not_decoding()
         return self.m.condition_pair([self], [embeds], [list(rows)])[0]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (their K/V stay in the slot, unread, until overwritten)."""
+        self._not_decoding()
+        if not 0 <= length <= self.length:
+            raise InvalidInputError(f"truncate to {length} of a {self.length}-position session")
+        self.length = int(length)
 
     def close(self) -> None:
         if not self._closed:

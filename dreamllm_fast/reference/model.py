@@ -18,6 +18,8 @@ from torch import nn
 from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device, no_meta_left
 from ..config import SpecialTokens
 from ..diffusion import EagerDiffusionHead
+from ..errors import InvalidInputError
+from ..sampling import SamplingRows, sample_next
 
 
 class ReferenceModel(EagerDiffusionHead):
@@ -75,6 +77,57 @@ class ReferenceModel(EagerDiffusionHead):
     def new_session(self) -> "ReferenceSession":
         return ReferenceSession(self)
 
+    def decode_batch(self, sessions, token_ids, params, seeds) -> "ReferenceDecodeBatch":
+        """The decode loop's batch (same contract as the engine's; plain and synchronous)."""
+        return ReferenceDecodeBatch(self, sessions, token_ids, params, seeds)
+
+
+class ReferenceDecodeBatch:
+    """One plain step per `launch()`: each session extends by its previous token (batch-1
+    transformers forwards), then the shared sampler draws every row's next id, exactly as the
+    engine's captured step does. `close(lengths)` crops each cache to the accepted length, so a
+    step run past a stop leaves nothing behind."""
+
+    def __init__(self, model: ReferenceModel, sessions, token_ids, params, seeds):
+        if len(sessions) != len(token_ids) or len(params) != len(sessions) or len(seeds) != len(sessions):
+            raise InvalidInputError("decode_batch needs one token id, sampling setting and seed per session")
+        if len({id(s) for s in sessions}) != len(sessions) or any(s.cache is None for s in sessions):
+            raise InvalidInputError("decode_batch needs distinct open sessions")
+        self.m, self.sessions = model, list(sessions)
+        self.ids = [int(t) for t in token_ids]
+        self.rows = SamplingRows.of(params, seeds, model.device)
+        self.greedy = not any(p.do_sample for p in params)
+        self.base = [s.length for s in sessions]
+        self.launched = self.read = 0
+        self._results: list[list[int]] = []
+        self.logits = None
+
+    @property
+    def inflight(self) -> int:
+        return self.launched - self.read
+
+    @torch.no_grad()
+    def launch(self) -> None:
+        logits = torch.stack([s.extend(self.m.embed_tokens([t])) for s, t in zip(self.sessions, self.ids)])
+        pos = torch.tensor([s.length for s in self.sessions], dtype=torch.int64, device=logits.device)
+        self.ids = sample_next(logits, self.rows, pos, greedy_only=self.greedy).tolist()
+        self._results.append(self.ids)
+        self.logits = logits
+        self.launched += 1
+
+    def result(self) -> list[int]:
+        self.read += 1
+        return self._results.pop(0)
+
+    def close(self, lengths) -> None:
+        self.read = self.launched
+        for s, L in zip(self.sessions, lengths):
+            if s.cache is not None:
+                s.truncate(int(L))
+
+    def abort(self) -> None:
+        pass
+
 
 
 class ReferenceSession:
@@ -107,6 +160,17 @@ class ReferenceSession:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""
         h = self._forward(embeds)
         return self.m.cond_proj(h[torch.as_tensor(rows, device=h.device)])
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (crops every layer's K/V)."""
+        if not 0 <= length <= self.length:
+            raise InvalidInputError(f"truncate to {length} of a {self.length}-position session")
+        # Slice each layer directly: `crop`'s argument changed meaning within transformers 5.x.
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+        self.length = int(length)
 
     def close(self) -> None:
         self.cache = None

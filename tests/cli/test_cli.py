@@ -25,11 +25,16 @@ def test_demo_writes_pngs_and_text(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "DEFAULT_CACHE", tmp_path / "cache")
     out = tmp_path / "demo"
-    assert main(["demo", "--out-dir", str(out), "--steps", "2", "--max-new-tokens", "120"]) == 0
+    assert main(["demo", "--out-dir", str(out), "--steps", "2"]) == 0  # the defaults, as a user runs it
     text = capsys.readouterr().out
     for section in ("chat on an image", "text-to-image", "interleaved answer", "timings:"):
         assert section in text
     assert "(2 text part(s), 1 image(s))" in text  # the tiny model's walk draws one image
+    # the interleaved answer shows text, then the image, then text again
+    doc = text.split("== interleaved answer ==")[1].split("(2 text part(s)")[0].strip().splitlines()
+    img = [i for i, line in enumerate(doc) if line.startswith("[image: ")]
+    assert len(img) == 1 and 0 < img[0] < len(doc) - 1, doc
+    assert doc[0].strip() and doc[-1].strip()
     for name in ("demo_t2i.png", "demo_interleaved_0.png", "demo_input.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 0

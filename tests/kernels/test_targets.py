@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 PLANTED = Path(__file__).with_name("planted_kernels.py")
 KERNELS = {"_rmsnorm_kernel", "_silu_and_mul_kernel", "_rope_cache_write_kernel", "_append_attention_kernel",
-           "_decode_mma_kernel", "_decode_simt_kernel", "_decode_reduce_kernel", "_dream_projection_kernel"}
+           "_decode_mma_kernel", "_decode_simt_kernel", "_decode_reduce_kernel", "_dream_projection_kernel",
+           "_exponential_sample_kernel"}
 
 
 @pytest.fixture(scope="module")

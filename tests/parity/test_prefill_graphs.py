@@ -171,8 +171,9 @@ def test_chunked_prefill_equals_one_pass(ckpt, unpadded):
 def test_stand_in_graphs_capture_all_and_replay_equals_eager(bucketed):
     m = bucketed
     be = m.graph_backend
-    assert sorted(m.prefill.graphs) == list(BUCKETS) and sorted(m.graphs.graphs) == [2]
-    assert be.captures >= len(BUCKETS) + 1
+    assert sorted(m.prefill.graphs) == list(BUCKETS)
+    assert sorted(m.graphs.graphs) == [(2, 'greedy'), (2, 'logits'), (2, 'sample')]  # decode: 3 modes
+    assert be.captures >= len(BUCKETS) + 3
     x = _emb(m, 41)
     r0 = be.replays
     replayed = _extend(m, [x])
