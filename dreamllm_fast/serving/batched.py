@@ -84,6 +84,7 @@ class BatchedScheduler(Scheduler):
         self._load = load if callable(load) else (lambda: load)
         self.max_queue, self.max_batch, self.max_images = max_queue, max_batch, max_images
         self.prefill_chunk = prefill_chunk
+        self._default_chunk = 512
         self.warmup = warmup
         self._pipe = None
         self._health = Health(False, "not started")
@@ -197,8 +198,7 @@ class BatchedScheduler(Scheduler):
             log.info("warm-up took %.2f s", time.perf_counter() - t0)
             self._max_piece_chars = max(8, max(len(t) for t in pipe.tokenizer.get_vocab()))
             self.loop = DecodeLoop(pipe.model, pipe.tokenizer, pipe.max_len, run_ahead=pipe.run_ahead)
-            self._chunk = self.prefill_chunk or getattr(getattr(pipe.model, "prefill", None), "chunk",
-                                                        None) or 512
+            self._default_chunk = getattr(getattr(pipe.model, "prefill", None), "chunk", None) or 512
         except BaseException as e:  # noqa: BLE001 - reported through /health, never raised
             log.exception("loading the model failed")
             self._health = Health(False, f"loading the model failed: {type(e).__name__}: {e}",
@@ -253,6 +253,12 @@ class BatchedScheduler(Scheduler):
         self._decode_step()
         self._image_step()
         self._running = sum(1 for r in self._reqs for c in r.choices if c.active)
+
+    @property
+    def _chunk(self) -> int:
+        """Tokens per prefill pass: `prefill_chunk` (may be changed while serving: new passes
+        take it), else the engine's chunk, else 512."""
+        return self.prefill_chunk or self._default_chunk
 
     # -- admission (worker side) ----------------------------------------------------------------
     def _free_slots(self) -> int:
