@@ -199,7 +199,7 @@ def cmd_serve(args) -> int:
         try:
             from .serving.ray_app import serve_on_ray
         except ImportError as e:
-            raise DreamLLMError(f"--ray needs the 'ray' extra ({e.name} is missing): "
+            raise DreamLLMError(f"--ray needs the 'ray' extra ({e}): "
                                 f"pip install 'dreamllm-fast[ray]'") from None
         return serve_on_ray(args)
     try:

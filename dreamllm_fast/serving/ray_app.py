@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
 from ..errors import DreamLLMError
@@ -59,8 +59,9 @@ class RayServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # -- the model: a path every node that may run a replica can read (replicas do not share
-    # a working directory with the driver, so relative paths are resolved here, at build time)
+    # -- the model: a path every node that may run a replica can read. Absolute in a config
+    # file (Ray builds those apps in its controller, whose working directory is not yours); a
+    # relative one from the CLI or `serve run module:build_app` is resolved where it was typed.
     checkpoint: str
     device: Optional[str] = None  # None: cuda when the replica sees a GPU, else cpu
     dtype: Optional[str] = None
@@ -112,6 +113,11 @@ class RayServeArgs(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
+
+    def resolved(self) -> "RayServeArgs":
+        """A copy with an absolute checkpoint path (replicas run in other working directories;
+        resolved where the app is built: the driver of `serve run` or of the CLI)."""
+        return self.model_copy(update={"checkpoint": str(Path(self.checkpoint).expanduser().resolve())})
 
     def serve_config(self, api_key: Optional[str]) -> ServeConfig:
         """The HTTP settings, exactly as `dreamllm-fast serve` builds them from its flags."""
@@ -221,9 +227,11 @@ class _ReplicaHeader:
 
 def _replica_identity() -> tuple[str, str, str]:
     """(app, deployment, replica id) from Ray's replica context; ("", "", "local") outside Ray."""
+    from ray.serve.exceptions import RayServeException
+
     try:
         ctx = serve.get_replica_context()
-    except RuntimeError:  # constructed outside a Ray Serve replica (unit tests)
+    except RayServeException:  # constructed outside a Ray Serve replica (unit tests)
         return "", "", "local"
     return ctx.app_name, ctx.deployment, ctx.replica_id.unique_id
 
@@ -300,10 +308,7 @@ def make_deployment(args: Union[dict, RayServeArgs]):
 def build_app(args: RayServeArgs):
     """Ray Serve application builder (``import_path: dreamllm_fast.serving.ray_app:build_app``
     with ``args:``, or ``serve run dreamllm_fast.serving.ray_app:build_app checkpoint=DIR``)."""
-    args = RayServeArgs.model_validate(args)
-    ckpt = Path(args.checkpoint).expanduser()
-    if not ckpt.is_absolute():  # replicas run in other working directories
-        args = args.model_copy(update={"checkpoint": str(ckpt.resolve())})
+    args = RayServeArgs.model_validate(args).resolved()
     return make_deployment(args).bind(args.model_dump())
 
 
@@ -313,7 +318,12 @@ def args_from_cli(ns) -> RayServeArgs:
     fields = {k: getattr(ns, k) for k in RayServeArgs.model_fields if getattr(ns, k, None) is not None}
     fields["warmup"] = not ns.no_warmup
     fields["allow_image_host"] = list(ns.allow_image_host or ())
-    return RayServeArgs.model_validate(fields)
+    try:
+        return RayServeArgs.model_validate(fields)
+    except ValidationError as e:  # one line per problem, named by its flag
+        raise DreamLLMError("; ".join(
+            (f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
 
 
 def _free_port(host: str) -> int:
@@ -340,7 +350,6 @@ def serve_on_ray(ns) -> int:
     from .security import is_loopback
 
     _default_checkpoint(ns)
-    ns.checkpoint = str(Path(ns.checkpoint).expanduser().resolve())
     ns.api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(ns.host) and not ns.api_key:
         print(f"warning: serving on {ns.host} without an API key: anyone who reaches this port "
@@ -348,6 +357,7 @@ def serve_on_ray(ns) -> int:
     if ns.num_gpus is not None and ns.num_gpus == 0 and ns.device == "cuda":
         raise DreamLLMError("--device cuda with --num-gpus 0: a replica that reserves no GPU "
                             "must not use one; drop --device or reserve a GPU per replica")
+    args_from_cli(ns)  # bad flags fail here, before any cluster starts
     # None: $RAY_ADDRESS, else the cluster `ray start` made on this machine, else a new local one
     ray.init(address=ns.ray_address, namespace="serve")
     gpus = ray.cluster_resources().get("GPU", 0.0)
