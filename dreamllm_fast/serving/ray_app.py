@@ -341,7 +341,7 @@ def _wait_for_interrupt() -> None:
 
 def serve_on_ray(ns) -> int:
     """`dreamllm-fast serve --ray ...`: connect to (or start) a Ray cluster, start Ray Serve's
-    HTTP proxy on --host/--port, deploy the replicas, serve until Ctrl-C, then shut Serve down."""
+    HTTP proxy on --host/--port, deploy the replicas, serve until Ctrl-C, then delete the app."""
     import sys
 
     import ray
@@ -368,7 +368,7 @@ def serve_on_ray(ns) -> int:
                             f"nodes, or serve on CPUs with --num-gpus 0")
     if ns.num_gpus == 0:
         ns.device = "cpu"
-    rargs = args_from_cli(ns)
+    rargs = args_from_cli(ns).resolved()
     port = ns.port or _free_port(ns.host)
     if rargs.autoscaling:
         auto = rargs.deployment_options()["autoscaling_config"]
@@ -394,5 +394,8 @@ def serve_on_ray(ns) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        # Only this application goes: other apps of a shared cluster keep serving. A Ray
+        # instance this process started stops with it (ray.shutdown); a joined one does not.
+        serve.delete(APP_NAME)
+        ray.shutdown()
     return 0

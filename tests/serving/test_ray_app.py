@@ -122,7 +122,8 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": rec["gpus"]})
     monkeypatch.setattr(serve, "start", lambda **kw: rec["calls"].append(("start", kw)))
     monkeypatch.setattr(serve, "run", lambda app, **kw: rec["calls"].append(("run", app, kw)))
-    monkeypatch.setattr(serve, "shutdown", lambda: rec["calls"].append(("shutdown",)))
+    monkeypatch.setattr(serve, "delete", lambda name: rec["calls"].append(("delete", name)))
+    monkeypatch.setattr(ray, "shutdown", lambda: rec["calls"].append(("ray.shutdown",)))
     real_build = ray_app.build_app
 
     def build(args):
@@ -142,7 +143,9 @@ def test_cli_ray_on_a_cluster_without_gpus(fake_ray, tiny_ckpt, capsys):
     assert cli.main(["serve", "--ray", "-c", str(tiny_ckpt), "--port", "0", "--replicas", "2",
                      "--max-queue", "5", "--model-name", "m"]) == 0
     kinds = [c[0] for c in fake_ray["calls"]]
-    assert kinds == ["init", "start", "run", "shutdown"]  # Serve is shut down on Ctrl-C
+    # Ctrl-C: only this app is deleted, and the Ray instance started here stops
+    assert kinds == ["init", "start", "run", "delete", "ray.shutdown"]
+    assert fake_ray["calls"][3] == ("delete", "dreamllm")
     (_, init), (_, start), (_, app, run) = fake_ray["calls"][:3]
     assert init["address"] is None
     http = start["http_options"]
