@@ -117,7 +117,8 @@ class RayServeArgs(BaseModel):
     def resolved(self) -> "RayServeArgs":
         """A copy with an absolute checkpoint path (replicas run in other working directories;
         resolved where the app is built: the driver of `serve run` or of the CLI)."""
-        return self.model_copy(update={"checkpoint": str(Path(self.checkpoint).expanduser().resolve())})
+        path = Path(self.checkpoint).expanduser().resolve()
+        return self.model_copy(update={"checkpoint": str(path)})
 
     def serve_config(self, api_key: Optional[str]) -> ServeConfig:
         """The HTTP settings, exactly as `dreamllm-fast serve` builds them from its flags."""
@@ -315,7 +316,8 @@ def build_app(args: RayServeArgs):
 # -- `dreamllm-fast serve --ray` -------------------------------------------------------------------
 def args_from_cli(ns) -> RayServeArgs:
     """`RayServeArgs` from the parsed flags of `dreamllm-fast serve` (same names)."""
-    fields = {k: getattr(ns, k) for k in RayServeArgs.model_fields if getattr(ns, k, None) is not None}
+    fields = {k: getattr(ns, k) for k in RayServeArgs.model_fields
+              if getattr(ns, k, None) is not None}
     fields["warmup"] = not ns.no_warmup
     fields["allow_image_host"] = list(ns.allow_image_host or ())
     try:

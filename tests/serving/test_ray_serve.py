@@ -16,7 +16,6 @@ end. Every wait is bounded.
 """
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -121,9 +120,10 @@ def deployed(cluster, tiny_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("ray_cfg") / "ray-serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
-    serve_cli = Path(sys.executable).with_name("serve")
-    r = subprocess.run([str(serve_cli), "run", "--address", cluster.address, "--non-blocking",
-                        str(path)], capture_output=True, text=True, timeout=180)
+    # `serve run` (the console script's module, so no PATH lookup), joining this instance
+    r = subprocess.run([sys.executable, "-m", "ray.serve.scripts", "run", "--address",
+                        cluster.address, "--non-blocking", str(path)],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _wait(lambda: _steady(APP_NAME, 2), "2 RUNNING replicas of the example config")
     TIMES["deploy_2_replicas"] = time.monotonic() - t0
