@@ -16,6 +16,7 @@ end. Every wait is bounded.
 """
 import concurrent.futures
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -90,9 +91,10 @@ def cluster(tmp_path_factory):
     t0 = time.monotonic()
     # address="local": a fresh instance, never a cluster someone else started on this machine.
     # The replicas import ray_helpers (the failing engine) from this folder.
+    pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False,
              object_store_memory=100 * 2**20, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), FLAGS_ENV: str(flags)}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, FLAGS_ENV: str(flags)}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     TIMES["ray_start"] = time.monotonic() - t0
