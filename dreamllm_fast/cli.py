@@ -197,6 +197,13 @@ def _default_checkpoint(args) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:  # replicas on a Ray cluster: serving/ray_app.py
+        try:
+            from .serving.ray_app import serve_on_ray
+        except ImportError as e:
+            raise DreamLLMError(f"--ray needs the 'ray' extra ({e}): "
+                                f"pip install 'dreamllm-fast[ray]'") from None
+        return serve_on_ray(args)
     try:
         import uvicorn
 
@@ -292,6 +299,23 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="report ready without the warm-up chat and 1-step image")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
+    r = p.add_argument_group("Ray Serve (--ray; the 'ray' extra)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: replicas (one GPU, one engine each) behind one "
+                        "endpoint, on this machine or a Ray cluster")
+    r.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else the cluster 'ray start' "
+                        "made on this machine, else a new local one)")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="replicas (the initial count when autoscaling)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    r.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling target of requests per replica (Ray's default: 2)")
+    r.add_argument("--max-ongoing-requests", type=int, default=8,
+                   help="requests Ray hands one replica at once; more wait in Ray's proxy")
+    r.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import kernels as K
+from .devices import fill_from_host
 from .errors import InvalidInputError
 
 SEED_BITS = 63  # a non-negative int64: the Philox key is its low and high 32-bit words
@@ -112,7 +113,7 @@ class SamplingRows:
             (self.seeds, [int(s) if d else 0 for s, d in zip(seeds, sampled)] + [0] * pad),
         )
         for buf, values in host:
-            buf.copy_(torch.tensor(values, dtype=buf.dtype))
+            fill_from_host(buf, values)
         return any(sampled)
 
 

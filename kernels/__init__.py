@@ -18,7 +18,9 @@ the torch oracle in ``reference.py`` (the CPU fallback). ``DREAMLLM_KERNELS=trit
 (default) dispatches on device. The variable is read at import and by ``set_backend(None)``;
 ``set_backend(name)`` overrides it from code.
 
-Importing this package imports only torch and ``reference.py``.
+Triton launches run on their tensors' GPU whatever the thread's current device (`_on_device`).
+
+Importing this package imports only torch, ``reference.py`` and ``_utils.py`` (no Triton).
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ import os
 import sys
 import types
 
+import torch
+
 from . import reference as _ref
+from ._utils import is_tracing as _is_tracing
 from .reference import rope_cos_sin_ref as rope_cos_sin
 
 __all__ = ["append_attention", "decode_attention", "dream_projection", "rmsnorm", "silu_and_mul",
@@ -75,38 +80,60 @@ def _launcher(op: str, module: str | None = None):
     return fn
 
 
+def _on_device(t, fn, *args, **kwargs):
+    """Run a Triton launcher on ``t``'s GPU. Triton launches on the thread's CURRENT device, not on
+    its tensors' (torch ops carry a device guard, Triton's launcher does not): an engine on cuda:1,
+    or a server's worker thread (current device 0), would otherwise launch device-1 pointers on
+    device 0. Costs two C calls when the devices already agree."""
+    idx = t.get_device()
+    if idx < 0 or _is_tracing(t) or idx == torch.cuda.current_device():  # (fake tensors: no driver)
+        return fn(*args, **kwargs)
+    with torch.cuda.device(idx):
+        return fn(*args, **kwargs)
+
+
 def append_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin,
                      max_seqlen_q, sm_scale=None, out=None):
-    fn = _launcher("append_attention") if _use_triton(q) else _ref.append_attention_ref
-    return fn(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin, max_seqlen_q,
-              sm_scale=sm_scale, out=out)
+    args = (q, k, v, k_cache, v_cache, cu_seqlens_q, cache_lens, slot_ids, cos, sin, max_seqlen_q)
+    if _use_triton(q):
+        return _on_device(q, _launcher("append_attention"), *args, sm_scale=sm_scale, out=out)
+    return _ref.append_attention_ref(*args, sm_scale=sm_scale, out=out)
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=None,
                      num_splits=None, out=None, config=None):
-    fn = _launcher("decode_attention") if _use_triton(q) else _ref.decode_attention_ref
-    return fn(q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin, sm_scale=sm_scale,
-              num_splits=num_splits, out=out, config=config)
+    args = (q, k, v, k_cache, v_cache, cache_lens, slot_ids, cos, sin)
+    kw = dict(sm_scale=sm_scale, num_splits=num_splits, out=out, config=config)
+    if _use_triton(q):
+        return _on_device(q, _launcher("decode_attention"), *args, **kw)
+    return _ref.decode_attention_ref(*args, **kw)
 
 
 def dream_projection(hidden, rows, norm_weight, proj_weight, eps, out=None):
-    fn = _launcher("dream_projection") if _use_triton(hidden) else _ref.dream_projection_ref
-    return fn(hidden, rows, norm_weight, proj_weight, eps, out=out)
+    args = (hidden, rows, norm_weight, proj_weight, eps)
+    if _use_triton(hidden):
+        return _on_device(hidden, _launcher("dream_projection"), *args, out=out)
+    return _ref.dream_projection_ref(*args, out=out)
 
 
 def rmsnorm(x, weight, eps, residual=None, out=None, residual_out=None):
-    fn = _launcher("rmsnorm") if _use_triton(x) else _ref.rmsnorm_ref
-    return fn(x, weight, eps, residual=residual, out=out, residual_out=residual_out)
+    kw = dict(residual=residual, out=out, residual_out=residual_out)
+    if _use_triton(x):
+        return _on_device(x, _launcher("rmsnorm"), x, weight, eps, **kw)
+    return _ref.rmsnorm_ref(x, weight, eps, **kw)
 
 
 def silu_and_mul(gate_up, out=None):
-    fn = _launcher("silu_and_mul", module="swiglu") if _use_triton(gate_up) else _ref.silu_and_mul_ref
-    return fn(gate_up, out=out)
+    if _use_triton(gate_up):
+        return _on_device(gate_up, _launcher("silu_and_mul", module="swiglu"), gate_up, out=out)
+    return _ref.silu_and_mul_ref(gate_up, out=out)
 
 
 def exponential_sample(probs, seeds, positions, out=None, noise_out=None):
-    fn = _launcher("exponential_sample", module="sampling") if _use_triton(probs) else _ref.exponential_sample_ref
-    return fn(probs, seeds, positions, out=out, noise_out=noise_out)
+    if _use_triton(probs):
+        return _on_device(probs, _launcher("exponential_sample", module="sampling"), probs, seeds, positions,
+                          out=out, noise_out=noise_out)
+    return _ref.exponential_sample_ref(probs, seeds, positions, out=out, noise_out=noise_out)
 
 
 for _f, _r in ((append_attention, _ref.append_attention_ref), (decode_attention, _ref.decode_attention_ref),

@@ -67,7 +67,7 @@ def _exponential_sample_kernel(
     if WRITE_NOISE:
         tl.store(noise_ptr + b * stride_nb + offs, q, mask=ok)
     p = tl.load(probs_ptr + b * stride_pb + offs, mask=ok, other=0.0).to(tl.float32)
-    score = tl.math.div_rn(p, q)  # >= 0; masked lanes 0 and past every real index
+    score = tl.math.div_rn(p, q)  # >= 0 for the non-negative probs the launcher requires; masked lanes 0
     bits = (score.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)  # & drops a -0.0 sign
     key = tl.max((bits << 32) + (0x7FFFFFFF - offs.to(tl.int64)), 0)  # max score, then min index
     tl.atomic_max(packed_ptr + b, key)
@@ -90,6 +90,11 @@ def _get_scratch(device, B):
     tracing = is_tracing()
     buf = None if tracing else _scratch.get(key)
     if buf is None:
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # inside a capture the zeros would be recorded, not run: eager calls before the first
+            # replay would see garbage, and a non-zero count never re-arms (every later draw stale)
+            raise RuntimeError(f"exponential_sample: first call for batch {B} on {device} inside a CUDA "
+                               "graph capture; call it once eagerly first (warm-up) to allocate its scratch")
         buf = (torch.zeros(B, dtype=torch.int64, device=device),
                torch.zeros(B, dtype=torch.int32, device=device))
         if not tracing:

@@ -2,7 +2,8 @@
 
 The loop builds one per set of running sequences (`EngineModel.decode_batch`). Building copies the
 rows' host state into the static `DecodeBuffers` once: previous ids, cache lengths, slots, `inc`
-(1 live row, 0 padding), per-row sampling settings and Philox seeds (9 small host->device copies).
+(1 live row, 0 padding), per-row sampling settings and Philox seeds (9 small non_blocking
+copies from pinned memory: no host sync, see dreamllm_fast/devices.py).
 After that a step is one replay of the captured self-advancing step (or the same function eagerly
 on the CPU / without graphs) and an async copy of the drawn ids into pinned host memory.
 """
@@ -12,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..devices import fill_from_host
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 
 
@@ -51,10 +53,10 @@ class EngineDecodeBatch:
         self.graph = g is not None and g.can_run(B, self.mode)
         self.n = g.padded_size(B) if self.graph else B
         pad = b.capacity - B
-        b.ids.copy_(torch.tensor([int(t) for t in token_ids] + [0] * pad, dtype=torch.int64))
-        b.step_lens.copy_(torch.tensor([s.length for s in sessions] + [0] * pad, dtype=torch.int32))
-        b.step_slots.copy_(torch.tensor([s.slot for s in sessions] + [b.scratch_slot] * pad, dtype=torch.int32))
-        b.inc.copy_(torch.tensor([1] * B + [0] * pad, dtype=torch.int32))
+        fill_from_host(b.ids, [int(t) for t in token_ids] + [0] * pad)
+        fill_from_host(b.step_lens, [s.length for s in sessions] + [0] * pad)
+        fill_from_host(b.step_slots, [s.slot for s in sessions] + [b.scratch_slot] * pad)
+        fill_from_host(b.inc, [1] * B + [0] * pad)
         b.rows.set(params, seeds)
         self.base = [s.length for s in sessions]
         self.cuda = model.device.type == "cuda"
@@ -86,9 +88,9 @@ class EngineDecodeBatch:
             self.logits = self.m._step(self.n, self.mode)[:self.B]
         k = self.launched % 2
         ids = self.m.bufs.ids[:self.B]
-        if self.cuda:
+        if self.cuda:  # on the engine's device's stream (not the thread's current device's)
             self._host[k].copy_(ids, non_blocking=True)
-            self._events[k].record()
+            self._events[k].record(torch.cuda.current_stream(self.m.device))
         else:
             self._host[k] = ids.tolist()
         self.launched += 1
@@ -120,9 +122,11 @@ class EngineDecodeBatch:
 
     def abort(self) -> None:
         """After an error: let go of the engine without committing (callers close the sessions)."""
-        if self.cuda:
-            torch.cuda.current_stream(self.m.device).synchronize()
-        for s in self.sessions:
-            s._batch = None
-        if self.m._active_batch is self:
-            self.m._active_batch = None
+        try:
+            if self.cuda:
+                torch.cuda.current_stream(self.m.device).synchronize()
+        finally:  # a sticky CUDA error raises here: the engine must not stay locked to this batch
+            for s in self.sessions:
+                s._batch = None
+            if self.m._active_batch is self:
+                self.m._active_batch = None

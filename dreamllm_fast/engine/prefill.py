@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..devices import fill_from_host, to_device
 from ..errors import InvalidInputError
-from ..kernels._utils import is_tracing
 from .llm import LlamaRunner
 
 PREFILL_CAPTURE_REMEDIES = (
@@ -51,19 +51,6 @@ def bucket_gap(buckets: Sequence[int]) -> int:
     """Largest distance between consecutive buckets (from 0): a pass pads fewer rows than this."""
     b = sorted(buckets)
     return max(hi - lo for lo, hi in zip([0] + b[:-1], b)) if b else 0
-
-
-def _host(values: list, dtype, device) -> torch.Tensor:
-    """Host ints as a tensor to copy to `device`: pinned on a real GPU, so that a non_blocking copy
-    never waits for the GPU (the caching host allocator keeps the block until the copy has run)."""
-    host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda" and torch.cuda.is_available() and not is_tracing():
-        return host.pin_memory()
-    return host
-
-
-def _to_device(values: list, dtype, device) -> torch.Tensor:
-    return _host(values, dtype, device).to(device, non_blocking=True)
 
 
 class PrefillRunner:
@@ -113,8 +100,7 @@ class PrefillRunner:
             cu.append(cu[-1] + n)
         cu += [cu[-1]] * (B + 1 - len(cu))
         pad = B - len(cache_lens)
-        self.meta.copy_(_host(cu + list(cache_lens) + [0] * pad + list(slots) + [self.scratch_slot] * pad,
-                              torch.int32, self.device), non_blocking=True)
+        fill_from_host(self.meta, cu + list(cache_lens) + [0] * pad + list(slots) + [self.scratch_slot] * pad)
 
     def prepare(self, pieces: Sequence[torch.Tensor], cache_lens: Sequence[int], slots: Sequence[int]) -> int:
         """Pack one pass (pieces[i]: [n_i, H] appended at cache_lens[i] of slots[i]) into the static
@@ -149,7 +135,7 @@ class PrefillRunner:
         cu = [0]
         for p in pieces:
             cu.append(cu[-1] + p.shape[0])
-        meta = _to_device(cu + list(cache_lens) + list(slots), torch.int32, self.device)
+        meta = to_device(cu + list(cache_lens) + list(slots), torch.int32, self.device)
         B = len(pieces)
         x = torch.cat(list(pieces)) if B > 1 else pieces[0]
         return self.llm.prefill(x.to(self.device, self.dtype), meta[:B + 1], meta[B + 1:2 * B + 1],
@@ -193,12 +179,12 @@ class PrefillRunner:
             hidden = self._pass([embeds[b][s:s + n] for b, s, n in ps],
                                 [cache_lens[b] + s for b, s, _ in ps], [slots[b] for b, _, _ in ps])
             if idx:  # gather now: the next pass (or replay) overwrites the static output
-                parts.append(hidden.index_select(0, _to_device(idx, torch.long, self.device)))
+                parts.append(hidden.index_select(0, to_device(idx, torch.long, self.device)))
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
         pos = {key: i for i, key in enumerate(got)}
         order = [pos[(b, int(r))] for b, rr in enumerate(rows) for r in rr]  # the caller's order
         if order != list(range(out.shape[0])):
-            out = out.index_select(0, _to_device(order, torch.long, self.device))
+            out = out.index_select(0, to_device(order, torch.long, self.device))
         return out
 
     # -- capture ------------------------------------------------------------------------------

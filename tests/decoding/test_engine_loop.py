@@ -293,3 +293,26 @@ def test_errors_and_misuse_leave_the_engine_usable(parts):
     seq, s = _run(eng, tok, SamplingParams(max_new_tokens=5))
     s.close()
     assert len(seq.token_ids) == 5
+
+
+def test_abort_after_a_sticky_cuda_error_still_frees_the_engine(parts, monkeypatch):
+    """A sticky CUDA error makes abort's synchronize raise: the engine must not stay locked to the
+    dead batch (every later call would be refused with EngineBusyError)."""
+    eng = parts[0]
+    s = eng.new_session()
+    try:
+        s.extend(_prompt(eng))
+        batch = eng.decode_batch([s], [5], [GREEDY], [0])
+        batch.cuda = True  # pretend: its abort synchronizes the engine's CUDA stream
+
+        def sticky(*a, **k):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(torch.cuda, "current_stream", sticky)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            batch.abort()
+        monkeypatch.undo()
+        assert eng._active_batch is None and s._batch is None
+        eng.decode_batch([s], [5], [GREEDY], [0]).abort()  # a new batch is accepted
+    finally:
+        s.close()

@@ -215,3 +215,15 @@ def test_gpu_real_vocab_bitwise_and_graph_replay():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), want)
+
+
+def test_first_call_inside_a_graph_capture_is_refused(monkeypatch):
+    """The scratch words must be zeroed by a real launch: zeros recorded into a capture leave them
+    uninitialised for eager calls, and a non-zero count never re-arms (every later draw stale)."""
+    from dreamllm_fast.kernels import sampling as S
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        S._get_scratch(torch.device("cuda", 7), 3)
+    assert (torch.device("cuda", 7), 3) not in S._scratch
