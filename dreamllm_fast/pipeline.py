@@ -51,6 +51,13 @@ from .sampling import SamplingParams, draw_seed
 BACKENDS = ("reference", "engine")
 
 
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, Precision]:
+    """The defaults of `DreamLLMPipeline.from_pretrained`: cuda when available, else the CPU;
+    bf16 on CUDA, fp32 on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32"))
+
+
 class DreamLLMPipeline:
     """DreamLLM's three jobs behind one object. Serves one call at a time (thread-safe refusal)."""
 
@@ -88,8 +95,8 @@ class DreamLLMPipeline:
         (transformers + diffusers; the default on the CPU, where the engine runs the same torch
         reference ops). engine_config: an `EngineConfig` for the engine's runtime knobs.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32")).dtype
+        device, precision = resolve_device_dtype(device, dtype)
+        dtype = precision.dtype
         backend = backend or ("engine" if device.type == "cuda" else "reference")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -29,7 +29,10 @@ Failures: an exception in one request's own work (its CLIP encode, its image's V
 fails that request (`RequestFailed`) and nothing else. An exception in a shared step fails the
 requests in that step: a packed prefill pass its passes' requests, a batched U-Net call its images'
 requests, a decode step the sequences in the batch (the loop resets; sequences paused in a dream
-branch were not in the step: they rejoin when their image is done). The scheduler keeps serving.
+branch were not in the step: they rejoin when their image is done). The scheduler keeps serving,
+unless the error leaves the GPU context unusable (a device-side assert, an illegal address:
+`devices.device_failed`): then every request fails with 503, /health reports the scheduler
+failed (Ray Serve replaces the replica) and the process should be restarted.
 
 Stage seconds (/metrics) are host wall time around each stage, without device syncs (a sync would
 stall the decode loop's run-ahead): on a GPU, time a stage waits for earlier queued work lands in
@@ -48,6 +51,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..decoding import DecodeLoop, State
+from ..devices import device_failed
 from ..diffusion import (DiffusionJob, decode_latents, denoise_step, make_scheduler,
                          prepare_latents, to_pil)
 from ..errors import InvalidInputError
@@ -92,6 +96,7 @@ class BatchedScheduler(Scheduler):
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
         self._closing = False
+        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
         self._thread: Optional[threading.Thread] = None
         # worker-owned state
         self._reqs: list[Request] = []  # admitted and not finished, in admission order
@@ -155,6 +160,8 @@ class BatchedScheduler(Scheduler):
         with self._cv:
             if self._closing:
                 raise NotReadyError("the server is shutting down; retry elsewhere")
+            if not self._health.ready:  # the worker stopped since the check above
+                raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
             if len(self._queue) >= self.max_queue:
                 self._count("rejected")
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1) / self.max_batch)
@@ -208,6 +215,7 @@ class BatchedScheduler(Scheduler):
         sp = pipe.special
         self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos)}
         self._health = Health(True, "ready")
+        why = "the scheduler's worker stopped"
         try:
             while True:
                 with self._cv:
@@ -222,7 +230,20 @@ class BatchedScheduler(Scheduler):
                     log.exception("scheduler iteration failed")
                     for r in list(self._reqs):
                         self._fail(r, e)
+                    if device_failed(e):
+                        self._broken = e
+                if self._broken is not None:  # no later request can succeed in this process
+                    e = self._broken
+                    why = (f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           f"restart the server")
+                    log.error("%s", why)
+                    return
+        except BaseException as e:
+            why = f"the scheduler's worker stopped ({type(e).__name__}: {e})"
+            raise
         finally:
+            if not self._closing:  # /health (and Ray's check_health) report it: replace this one
+                self._health = Health(False, why, failed=True)
             self._teardown()
 
     def _busy(self) -> bool:
@@ -233,8 +254,14 @@ class BatchedScheduler(Scheduler):
         return bool(self._queue or any(r.wants() for r in self._reqs)) and self._free_slots() > 0
 
     def _teardown(self) -> None:
-        err = NotReadyError("the server is shutting down; retry elsewhere")
-        for r in list(self._reqs):
+        err = NotReadyError("the server is shutting down; retry elsewhere" if self._closing else
+                            f"{self._health.detail}; retry elsewhere")
+        with self._cv:
+            waiting = list(self._queue)
+            self._queue.clear()
+        for r in list(self._reqs) + waiting:
+            if r not in self._reqs:
+                self._reqs.append(r)
             self._fail(r, err, outcome="cancelled")
         if self.loop is not None:
             try:
@@ -596,6 +623,8 @@ class BatchedScheduler(Scheduler):
                 self._release(c)
         for s in list(r.sessions):
             self._close_session(r, s)
+        if error is not None and device_failed(error):
+            self._broken = error  # the worker stops after this iteration
         if error is not None:
             if not isinstance(error, (InvalidInputError, NotReadyError)):
                 log.error("request %s failed: %s: %s", r.handle.request_id, type(error).__name__, error)
@@ -647,6 +676,21 @@ class BatchedScheduler(Scheduler):
             images_generated=c.get("images", 0),
             requests={k: c.get(k, 0) for k in ("ok", "cancelled", "failed", "rejected")},
             stage_seconds=stages)
+
+
+def serving_engine_config(max_batch: int, device=None, dtype=None):
+    """The engine's runtime knobs for serving `max_batch` sequences at once: that many KV slots,
+    and decode graphs captured at 1, 2, 4, ... up to `max_batch` (a step of b sequences replays
+    the smallest captured size >= b, its spare rows padding). At 7B and a 2048-token context each
+    slot holds 1 GiB of bf16 KV cache."""
+    from ..config import EngineConfig
+    from ..pipeline import resolve_device_dtype
+
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise InvalidInputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    sizes = {1 << i for i in range(max_batch.bit_length())} | {max_batch}
+    return EngineConfig(max_batch=max_batch, precision=resolve_device_dtype(device, dtype)[1],
+                        cuda_graph_batch_sizes=tuple(sorted(s for s in sizes if s <= max_batch)))
 
 
 def _query_rows(prompt, pipe) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..devices import device_failed
 from ..diffusion import check_diffusion_args
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
@@ -52,6 +53,7 @@ class SequentialScheduler(Scheduler):
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._running: Optional[RequestHandle] = None
         self._closing = False
+        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
         self._thread: Optional[threading.Thread] = None
         self._rate = RateMeter()
         self._latency_ema = 1.0  # seconds per request, for Retry-After
@@ -107,6 +109,8 @@ class SequentialScheduler(Scheduler):
         with self._cv:
             if self._closing:
                 raise NotReadyError("the server is shutting down; retry elsewhere")
+            if not self._health.ready:  # the worker stopped since the check above
+                raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
             if len(self._queue) >= self.max_queue:
                 self._counters["rejected"] += 1
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
@@ -160,6 +164,18 @@ class SequentialScheduler(Scheduler):
             finally:
                 with self._cv:
                     self._running = None
+            if self._broken is not None:  # no later request can succeed in this process
+                e = self._broken
+                why = f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); restart the server"
+                log.error("%s", why)
+                self._health = Health(False, why, failed=True)
+                with self._cv:
+                    pending = list(self._queue)
+                    self._queue.clear()
+                for h in pending:
+                    h.emit(RequestFailed(NotReadyError(f"{why}; retry elsewhere")))
+                    h.close()
+                return
 
     def _run(self, pipe, handle: RequestHandle) -> None:
         req = handle.request
@@ -179,6 +195,8 @@ class SequentialScheduler(Scheduler):
             if not isinstance(e, InvalidInputError):
                 log.exception("request %s failed", handle.request_id)
             handle.emit(RequestFailed(e))
+            if device_failed(e):
+                self._broken = e
         finally:
             handle.close()
             self._counters[outcome] += 1
