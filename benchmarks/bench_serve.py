@@ -1,6 +1,6 @@
 """Load benchmark of `dreamllm-fast serve`: N concurrent streaming clients on 127.0.0.1.
 
-    python -m benchmarks.bench_serve [--checkpoint DIR] [--schedulers sequential[,batched]]
+    python -m benchmarks.bench_serve [--checkpoint DIR] [--schedulers sequential,batched]
         [--clients 8] [--requests 64] [--duration 120] [--max-tokens 32] [--mix chat,vision]
         [--out DIR] [-- extra serve flags]
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--backend", default=None, choices=("reference", "engine"))
-    p.add_argument("--schedulers", default="sequential",
+    p.add_argument("--schedulers", default="sequential,batched",
                    help="comma-separated schedulers to compare under the same load")
     p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     p.add_argument("--requests", type=int, default=64, help="requests in all (a bound)")
@@ -315,7 +315,10 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown --mix kind(s) {bad}; choose from {MIXES}", file=sys.stderr)
         return 2
-    rows = [run_one(args, s.strip()) for s in args.schedulers.split(",") if s.strip()]
+    names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if args.url:  # one server, already running: its /health names its scheduler
+        names = names[:1]
+    rows = [run_one(args, s) for s in names]
     report = {"env": _env(args), "results": rows}
     md = table(rows)
     print(json.dumps(report["env"]))

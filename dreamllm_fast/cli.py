@@ -207,7 +207,8 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from .serving import MediaLimits, SequentialScheduler, ServeConfig, create_app
+        from .serving import MediaLimits, ServeConfig, create_app
+        from .serving.factory import DEFAULT_MAX_BATCH, build_scheduler
         from .serving.security import API_KEY_ENV, is_loopback
     except ImportError as e:
         raise DreamLLMError(f"serving needs the 'serve' extra ({e.name} is missing): "
@@ -219,9 +220,12 @@ def cmd_serve(args) -> int:
     if not is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this port "
               f"can use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    if args.max_batch is not None and args.max_batch != 1:
-        print(f"note: the {args.scheduler} scheduler serves one request at a time; --max-batch "
-              f"{args.max_batch} takes effect with the batched scheduler", file=sys.stderr)
+    if args.scheduler == "sequential":
+        for flag in ("max_batch", "prefill_chunk", "image_batch"):
+            if getattr(args, flag) is not None:
+                print(f"note: the sequential scheduler serves one request at a time; "
+                      f"--{flag.replace('_', '-')} applies to the batched scheduler only",
+                      file=sys.stderr)
     cfg = ServeConfig(
         model_name=args.model_name or Path(args.checkpoint).name, api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
@@ -230,14 +234,20 @@ def cmd_serve(args) -> int:
                           allowed_hosts=tuple(args.allow_image_host or ()),
                           fetch_timeout_s=args.image_fetch_timeout))
 
-    def load():
+    def load(engine_config=None):
         from .pipeline import DreamLLMPipeline
 
         return DreamLLMPipeline.from_pretrained(
             args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
-            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False)
+            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False,
+            engine_config=engine_config)
 
-    scheduler = SequentialScheduler(load, max_queue=args.max_queue, warmup=not args.no_warmup)
+    scheduler = build_scheduler(args.scheduler, load, max_queue=args.max_queue,
+                                max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                                image_batch=args.image_batch, warmup=not args.no_warmup,
+                                device=args.device, dtype=args.dtype)
+    how = ("one request at a time" if args.scheduler == "sequential" else
+           f"up to {args.max_batch or DEFAULT_MAX_BATCH} sequences together")
     from .serving.app import lower_pillow_guard
 
     lower_pillow_guard(cfg.media.max_image_pixels)  # this process is the server
@@ -253,7 +263,7 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving {cfg.model_name!r} on http://{url_host}:{port} ({args.scheduler} scheduler: "
-          f"one request at a time; /health turns ready once the model is loaded)", flush=True)
+          f"{how}; /health turns ready once the model is loaded)", flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(scheduler, cfg), log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
@@ -276,10 +286,18 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
     p.add_argument("--vae-backend", default="eager",
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
-    p.add_argument("--scheduler", default="sequential", choices=("sequential",),
-                   help="request scheduler (today: one request at a time)")
+    p.add_argument("--scheduler", default="batched", choices=("batched", "sequential"),
+                   help="batched: continuous batching of every request kind (default); "
+                        "sequential: one request at a time (the baseline)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="most sequences decoded together (batched scheduler; sequential: 1)")
+                   help="batched: sequences holding a KV slot at once; the engine gets that many "
+                        "slots and decode graphs at 1, 2, 4, ... up to it (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="batched: prompt tokens per prefill pass between two decode steps "
+                        "(default: the engine's chunk, 1024)")
+    p.add_argument("--image-batch", type=int, default=None,
+                   help="batched: images denoised together, one U-Net call per step "
+                        "(default: --max-batch)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait; more get 429 with Retry-After (default 64)")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices/images) per request")

@@ -32,3 +32,23 @@ def to_device(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
 def fill_from_host(dst: torch.Tensor, values: Sequence) -> None:
     """dst[:] = values, in dst's dtype, without a host sync (dst keeps its address: graph inputs)."""
     dst.copy_(host_tensor(values, dst.dtype, dst.device), non_blocking=True)
+
+
+# CUDA errors after which the context is unusable for the rest of the process (a kernel's
+# device-side assert, an illegal address, a launch failure): torch raises them as
+# torch.AcceleratorError (2.8+) or as a RuntimeError carrying the driver's message.
+_FATAL_MARKERS = ("device-side assert", "illegal memory access", "illegal address",
+                  "unspecified launch failure", "CUDA error: an illegal instruction",
+                  "misaligned address", "uncorrectable ECC error")
+
+
+def device_failed(error: BaseException) -> bool:
+    """Whether `error` leaves the GPU context unusable, so no further request can succeed in this
+    process (a server should report itself failed and be restarted; see serving/)."""
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(error, accel):
+        return True
+    if isinstance(error, RuntimeError):
+        msg = str(error)
+        return any(m in msg for m in _FATAL_MARKERS)
+    return False

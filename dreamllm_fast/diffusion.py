@@ -4,11 +4,15 @@ Follows the original (`StableDiffusionHead.pipeline`) and diffusers' StableDiffu
 initial latents are drawn from `generator` first, then each DDPM step draws its variance noise
 through the scheduler with the same generator; the U-Net sees [uncond; cond] in that batch order and
 eps = eps_u + s * (eps_c - eps_u). Guidance is off when s <= 1, as in diffusers.
+
+`DiffusionJob` holds one image's state and `denoise_step` advances several jobs with one U-Net
+call (the server batches the images of concurrent requests this way); `denoise` is the one-image
+loop over the same two pieces.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -50,6 +54,79 @@ def prepare_latents(shape, dtype, device, generator, latents: Optional[torch.Ten
     return latents.to(device=device, dtype=dtype)
 
 
+class DiffusionJob:
+    """One image's DDPM + CFG state, advanced one step at a time, alone or beside other jobs.
+
+    cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise); `scheduler`: this job's own
+    DDPMScheduler (its timesteps follow its own step count). Every job keeps its own guidance
+    scale and generator, so a server can batch the U-Net calls of images at different steps,
+    with different settings and seeds (`denoise_step`), and each image equals its solo run.
+    """
+
+    def __init__(self, scheduler, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                 guidance_scale: float, num_inference_steps: int, latents: torch.Tensor,
+                 generator: Optional[torch.Generator] = None):
+        self.scheduler = scheduler
+        self.guidance_scale = guidance_scale
+        self.generator = generator
+        self.do_cfg = guidance_scale > 1.0 and uncond is not None
+        self.context = torch.cat([uncond, cond]) if self.do_cfg else cond  # [uncond; cond] order
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        self.timesteps = scheduler.timesteps
+        self.host_timesteps = [int(t) for t in self.timesteps.tolist()]  # compared without a sync
+        self.latents = latents * scheduler.init_noise_sigma
+        self.index = 0  # steps taken
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def rows(self) -> int:
+        """U-Net batch rows this job adds to a step (2B with guidance, B without)."""
+        return self.context.shape[0]
+
+    def model_input(self) -> torch.Tensor:
+        x = torch.cat([self.latents] * 2) if self.do_cfg else self.latents
+        return self.scheduler.scale_model_input(x, self.timesteps[self.index])
+
+    def apply(self, eps: torch.Tensor) -> None:
+        """This job's rows of the U-Net output -> guidance -> one DDPM step (its own noise)."""
+        if self.do_cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        t = self.timesteps[self.index]
+        self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator,
+                                           return_dict=False)[0]
+        self.index += 1
+
+
+@torch.no_grad()
+def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
+    """One U-Net call for every job (same latent shape and dtype), then each job's DDPM step.
+
+    Rows are laid out job after job, each as [uncond; cond] (or cond alone), with each job's own
+    timestep per row; when all jobs sit at the same timestep it is passed as one scalar, exactly
+    what the one-image loop passes (a lone job's call is the same call as `denoise`'s).
+    """
+    if not jobs:
+        return
+    ins = [j.model_input() for j in jobs]
+    if len({j.host_timesteps[j.index] for j in jobs}) == 1:
+        t = jobs[0].timesteps[jobs[0].index]
+    else:
+        t = torch.cat([j.timesteps[j.index].reshape(1).expand(j.rows) for j in jobs])
+    if len(jobs) == 1:
+        sample, context = ins[0], jobs[0].context
+    else:
+        sample, context = torch.cat(ins), torch.cat([j.context for j in jobs])
+    eps = unet(sample, t, context)
+    if eps.shape[0] != sample.shape[0]:
+        raise RuntimeError(f"the U-Net returned {eps.shape[0]} rows for a batch of {sample.shape[0]}")
+    for j, e in zip(jobs, eps.split([j.rows for j in jobs])):
+        j.apply(e)
+
+
 @torch.no_grad()
 def denoise(unet: UNetFn, scheduler, cond: torch.Tensor, uncond: Optional[torch.Tensor],
             guidance_scale: float, num_inference_steps: int, latents: torch.Tensor,
@@ -57,19 +134,10 @@ def denoise(unet: UNetFn, scheduler, cond: torch.Tensor, uncond: Optional[torch.
     """cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise) -> final latents."""
     from tqdm.auto import tqdm
 
-    do_cfg = guidance_scale > 1.0 and uncond is not None
-    context = torch.cat([uncond, cond]) if do_cfg else cond
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoise", leave=False):
-        model_in = torch.cat([latents] * 2) if do_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        eps = unet(model_in, t, context)
-        if do_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
-    return latents
+    job = DiffusionJob(scheduler, cond, uncond, guidance_scale, num_inference_steps, latents, generator)
+    for _ in tqdm(range(len(job.timesteps)), disable=not progress, desc="denoise", leave=False):
+        denoise_step(unet, [job])
+    return job.latents
 
 
 @torch.no_grad()

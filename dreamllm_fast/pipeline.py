@@ -51,6 +51,13 @@ from .sampling import SamplingParams, draw_seed
 BACKENDS = ("reference", "engine")
 
 
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, Precision]:
+    """The defaults of `DreamLLMPipeline.from_pretrained`: cuda when available, else the CPU;
+    bf16 on CUDA, fp32 on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32"))
+
+
 class DreamLLMPipeline:
     """DreamLLM's three jobs behind one object. Serves one call at a time (thread-safe refusal)."""
 
@@ -88,8 +95,8 @@ class DreamLLMPipeline:
         (transformers + diffusers; the default on the CPU, where the engine runs the same torch
         reference ops). engine_config: an `EngineConfig` for the engine's runtime knobs.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32")).dtype
+        device, precision = resolve_device_dtype(device, dtype)
+        dtype = precision.dtype
         backend = backend or ("engine" if device.type == "cuda" else "reference")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -153,12 +160,19 @@ class DreamLLMPipeline:
             self.last_timings[name] = self.last_timings.get(name, 0.0) + time.perf_counter() - t0
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
-        """[L, H] embeddings with image features and dream queries substituted."""
+    # The public pieces below are what a server's scheduler (serving/batched.py) composes around
+    # its own decode loop; they take no lock and time nothing (no device sync): the caller owns
+    # the model, as the worker thread of a scheduler does.
+    def embed_prompt(self, prompt: Prompt, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[L, H] embeddings of `prompt` with image features and dream queries substituted.
+
+        features: the projected CLIP features of `prompt.images`, [N, P, H] (computed here when
+        None; `encode_pixels` on `preprocess(prompt.images)` gives the same tensor).
+        """
         emb = self.model.embed_tokens(prompt.ids).clone()
         if prompt.images:
-            with self._step("encode"):
-                feats = self.model.encode_images(self.preprocess(prompt.images))
+            feats = self.model.encode_images(self.preprocess(prompt.images)) if features is None \
+                else features
             P = feats.shape[1]
             for s, f in zip(prompt.image_slots, feats):
                 emb[s:s + P] = f.to(emb.dtype)
@@ -166,6 +180,35 @@ class DreamLLMPipeline:
         for s in prompt.dream_slots:
             emb[s:s + Q] = self.model.dream_queries.to(emb.dtype)
         return emb
+
+    def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        feats = None
+        if prompt.images:
+            with self._step("encode"):
+                feats = self.model.encode_images(self.preprocess(prompt.images))
+        return self.embed_prompt(prompt, feats)
+
+    def dream_embeds(self) -> torch.Tensor:
+        """[1 + Q, H]: `<dream_start>` then the Q dream queries, the dream branch appended to a
+        live sequence whose condition rows are 1..Q."""
+        return torch.cat([self.model.embed_tokens([self.special.dream_start]), self.model.dream_queries])
+
+    def feedback_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        """[P + 3, H]: `<dream_end> <im_start>` + a drawn image's projected features [P, H] +
+        `<im_end>`, the pass that feeds a generated image back before text resumes."""
+        sp = self.special
+        head = self.model.embed_tokens([sp.dream_end, sp.im_start])
+        return torch.cat([head, features.to(head.dtype), self.model.embed_tokens([sp.im_end])])
+
+    def uncond_condition(self, negative: Optional[Prompt] = None) -> torch.Tensor:
+        """[Q, C] condition of the unconditional branch: a built negative prompt, or (None) the
+        empty prompt's, computed once per pipeline and cached."""
+        return self._uncond_condition(negative)
+
+    def kv_slots(self) -> tuple[int, Optional[int]]:
+        """(used, total) KV-cache slots of the backend; total None: sessions are not bounded."""
+        fn = getattr(self.model, "kv_slots", None)
+        return fn() if fn is not None else (0, None)
 
     def _sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -257,6 +300,10 @@ class DreamLLMPipeline:
             images = self._diffuse(cond, uncond, guidance_scale, num_inference_steps, generator,
                                    latents, shape, progress)
             return images if output_type == "pt" else to_pil(images)
+
+    def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a height x width image (None: the native size)."""
+        return self._latent_shape(height, width)
 
     def _latent_shape(self, height, width) -> tuple[int, int, int]:
         d = self.config.diffusion
@@ -355,9 +402,8 @@ class DreamLLMPipeline:
 
     def _dream(self, session, opts, generator):
         """Queries into the live cache -> condition -> image -> fed back; returns (image, logits)."""
-        sp = self.special
         Q = self.model.dream_queries.shape[0]
-        emb = torch.cat([self.model.embed_tokens([sp.dream_start]), self.model.dream_queries])
+        emb = self.dream_embeds()
         with self._step("condition"):
             cond = session.extend_dream(emb, list(range(1, Q + 1)))
         if opts["uncond"] is None:  # once per call: every image of the answer shares it
@@ -369,8 +415,7 @@ class DreamLLMPipeline:
         pil = to_pil(images)[0]
         with self._step("encode"):
             feats = self.model.encode_images(self.preprocess([pil]))[0]
-        back = torch.cat([self.model.embed_tokens([sp.dream_end, sp.im_start]), feats.to(emb.dtype),
-                          self.model.embed_tokens([sp.im_end])])
+        back = self.feedback_embeds(feats)
         with self._step("prefill"):
             logits = session.extend(back)
         return pil, logits

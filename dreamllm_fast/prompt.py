@@ -118,8 +118,13 @@ class PromptBuilder:
         self._dream_span = "<dream_start>" + "<im_patch>" * Q + "<dream_end>"
 
     # -- strings ------------------------------------------------------------------------------
-    def _render_items(self, items: Sequence[Item], generated: bool, images: list) -> str:
-        """Text with image spans; `generated` images (assistant turns) carry their dream span."""
+    def _render_items(self, items: Sequence[Item], generated: bool, images: list, join: str) -> str:
+        """Text with image spans; `generated` images (assistant turns) carry their dream span.
+
+        join: what separates an image from adjacent text ("\n" in chat turns, "" in the raw
+        modes). An argument, not builder state: one builder serves concurrent calls (the server
+        tokenizes requests on several threads while its worker builds prompts).
+        """
         parts: list[str] = []
         prev_image = False
         for i, it in enumerate(items):
@@ -127,14 +132,14 @@ class PromptBuilder:
                 span = (self._dream_span if generated else "") + self._image_span
                 # LLaVA-style data: "<image>\n" + text, so an image and a text are joined by "\n"
                 # in chat turns (the raw modes below pass join="").
-                if parts and not prev_image and self._join:
-                    parts.append(self._join)
+                if parts and not prev_image and join:
+                    parts.append(join)
                 parts.append(span)
                 images.append(it.source)
                 prev_image = True
             else:
-                if prev_image and self._join:
-                    parts.append(self._join)
+                if prev_image and join:
+                    parts.append(join)
                 parts.append(it)
                 prev_image = False
         return "".join(parts)
@@ -162,7 +167,6 @@ class PromptBuilder:
             system = "".join(sys_items)
             msgs = msgs[1:]
         text = system + " "
-        self._join = "\n"
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidInputError(f"message {i} must be a dict with 'role' and 'content'")
@@ -174,7 +178,7 @@ class PromptBuilder:
                 )
             items = normalize_content(m["content"])
             self._check_text(items)
-            body = self._render_items(items, generated=(want == "assistant"), images=images)
+            body = self._render_items(items, generated=(want == "assistant"), images=images, join="\n")
             text += f"{ROLES[want]}: {body}" + (" " if want == "user" else "</s>")
         if msgs[-1]["role"] != "user":
             raise InvalidInputError("the last message must be from the user (the assistant answers it)")
@@ -183,8 +187,7 @@ class PromptBuilder:
     def raw_text(self, content: Any, images: list) -> str:
         items = normalize_content(content)
         self._check_text(items)
-        self._join = ""
-        return self._render_items(items, generated=False, images=images)
+        return self._render_items(items, generated=False, images=images, join="")
 
     # -- ids ----------------------------------------------------------------------------------
     def tokenize(self, text: str, images: list, dream_queries: bool = False) -> Prompt:

@@ -206,6 +206,11 @@ class EngineModel(EagerDiffusionHead):
                 "close() a session first, or raise EngineConfig.max_batch")
         return EngineSession(self, self._free.pop())
 
+    def kv_slots(self) -> tuple[int, int]:
+        """(used, total) slots of the static KV cache: sessions open now, and `max_batch`."""
+        total = self.engine_config.max_batch
+        return total - len(self._free), total
+
     def _release(self, slot: int) -> None:
         if slot not in self._free:
             self._free.append(slot)

@@ -12,6 +12,8 @@ This is the oracle of every parity test; it favours plainness over speed.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -59,6 +61,7 @@ class ReferenceModel(EagerDiffusionHead):
         self.cond_proj.to(**to)
 
         self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, dtype)
+        self._open: "weakref.WeakSet[ReferenceSession]" = weakref.WeakSet()  # for kv_slots()
 
     # -- embeddings ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -75,7 +78,13 @@ class ReferenceModel(EagerDiffusionHead):
         return self.clip_proj(feats)
 
     def new_session(self) -> "ReferenceSession":
-        return ReferenceSession(self)
+        s = ReferenceSession(self)
+        self._open.add(s)
+        return s
+
+    def kv_slots(self) -> tuple[int, None]:
+        """(used, total): sessions open now; total None (each session grows its own cache)."""
+        return len(self._open), None
 
     def decode_batch(self, sessions, token_ids, params, seeds) -> "ReferenceDecodeBatch":
         """The decode loop's batch (same contract as the engine's; plain and synchronous)."""
@@ -174,3 +183,4 @@ class ReferenceSession:
 
     def close(self) -> None:
         self.cache = None
+        self.m._open.discard(self)

@@ -1,17 +1,21 @@
 """OpenAI-compatible serving (`dreamllm-fast serve`; the optional extra ``serve``).
 
-    from dreamllm_fast.serving import ServeConfig, SequentialScheduler, create_app
-    sched = SequentialScheduler(lambda: DreamLLMPipeline.from_pretrained(ckpt), max_queue=64)
+    from dreamllm_fast.serving import BatchedScheduler, ServeConfig, create_app, serving_engine_config
+    cfg = serving_engine_config(max_batch=8)
+    sched = BatchedScheduler(lambda: DreamLLMPipeline.from_pretrained(ckpt, engine_config=cfg),
+                             max_batch=8, max_queue=64)
     app = create_app(sched, ServeConfig(model_name="dreamllm", api_key=None))  # run with uvicorn
 
 scheduler.py is the interface (requests, events, stats) between the HTTP layer and whatever owns
-the model; sequential.py serves one request at a time through `DreamLLMPipeline`.
+the model; batched.py batches many requests through the one decode loop (continuous batching);
+sequential.py serves one request at a time through `DreamLLMPipeline` (the baseline).
 """
 from .media import MediaLimits
 from .protocol import ServeConfig
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageOptions, ImageResult,
                         NotReadyError, QueueFullError, RequestFailed, RequestHandle, Scheduler,
                         SchedulerStats, TextDelta)
+from .batched import BatchedScheduler, serving_engine_config
 from .sequential import SequentialScheduler
 
 
@@ -22,7 +26,7 @@ def create_app(*args, **kwargs):
     return _create_app(*args, **kwargs)
 
 
-__all__ = ["ChoiceDone", "GenerationRequest", "Health", "ImageOptions", "ImageResult",
-           "MediaLimits", "NotReadyError", "QueueFullError", "RequestFailed", "RequestHandle",
+__all__ = ["BatchedScheduler", "ChoiceDone", "GenerationRequest", "Health", "ImageOptions",
+           "ImageResult", "MediaLimits", "NotReadyError", "QueueFullError", "RequestFailed", "RequestHandle",
            "Scheduler", "SchedulerStats", "SequentialScheduler", "ServeConfig", "TextDelta",
-           "create_app"]
+           "create_app", "serving_engine_config"]

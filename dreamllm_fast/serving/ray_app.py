@@ -42,6 +42,7 @@ from ray import serve
 from ..errors import DreamLLMError
 from .media import MediaLimits
 from .protocol import ServeConfig
+from .factory import DEFAULT_MAX_BATCH, SCHEDULER_NAMES, build_scheduler
 from .scheduler import Scheduler
 from .security import API_KEY_ENV
 
@@ -69,8 +70,10 @@ class RayServeArgs(BaseModel):
     unet_backend: str = "eager"
     vae_backend: str = "eager"
     # -- the scheduler of each replica: a name in SCHEDULERS or "package.module:factory"
-    scheduler: str = "sequential"
-    max_batch: Optional[int] = Field(None, ge=1)
+    scheduler: str = "batched"
+    max_batch: Optional[int] = Field(None, ge=1)  # batched: sequences at once (default 8)
+    prefill_chunk: Optional[int] = Field(None, ge=1)  # batched: tokens per prefill pass
+    image_batch: Optional[int] = Field(None, ge=1)  # batched: images denoised together
     max_queue: int = Field(64, ge=1)
     warmup: bool = True
     ready_timeout_s: float = Field(1800.0, gt=0)  # load + warm-up + graph capture, per replica
@@ -90,9 +93,10 @@ class RayServeArgs(BaseModel):
     max_replicas: Optional[int] = Field(None, ge=1)
     target_ongoing_requests: Optional[float] = Field(None, gt=0)
     # Requests Ray hands one replica at once; the rest wait in Ray's proxy, which then routes
-    # each to the least-loaded replica. 8 keeps a sequential replica's own queue short (one
-    # request runs, the others wait there) while leaving room for a batched scheduler.
-    max_ongoing_requests: int = Field(8, ge=1)
+    # each to the least-loaded replica. Default: twice the batch for the batched scheduler (a
+    # full batch runs and as many wait in the replica to take freed slots at once), 8 for the
+    # sequential one (one runs, the others wait there).
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
     num_gpus: float = Field(1.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)
 
@@ -135,7 +139,8 @@ class RayServeArgs(BaseModel):
         """`serve.deployment(...)` options. A config file's ``deployments:`` entry overrides
         them (Ray's rule), e.g. to tune health checks."""
         opts: dict[str, Any] = {
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests or (
+                2 * (self.max_batch or DEFAULT_MAX_BATCH) if self.scheduler == "batched" else 8),
             "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
         }
         if self.autoscaling:
@@ -152,16 +157,19 @@ class RayServeArgs(BaseModel):
 
 
 # -- schedulers ------------------------------------------------------------------------------------
-def _sequential(load: Callable[[], Any], args: RayServeArgs) -> Scheduler:
-    from .sequential import SequentialScheduler
+def _named(name: str) -> Callable[[Callable[..., Any], "RayServeArgs"], Scheduler]:
+    def factory(load: Callable[..., Any], args: "RayServeArgs") -> Scheduler:
+        return build_scheduler(name, load, max_queue=args.max_queue, max_batch=args.max_batch,
+                               prefill_chunk=args.prefill_chunk, image_batch=args.image_batch,
+                               warmup=args.warmup, device=args.device, dtype=args.dtype)
 
-    return SequentialScheduler(load, max_queue=args.max_queue, warmup=args.warmup)
+    return factory
 
 
-# name -> factory(load, args) -> Scheduler; `load()` returns the replica's DreamLLMPipeline.
-SCHEDULERS: dict[str, Callable[[Callable[[], Any], RayServeArgs], Scheduler]] = {
-    "sequential": _sequential,
-}
+# name -> factory(load, args) -> Scheduler; `load(engine_config=None)` returns the replica's
+# DreamLLMPipeline (the batched scheduler passes the engine's slot and graph sizes).
+SCHEDULERS: dict[str, Callable[[Callable[..., Any], RayServeArgs], Scheduler]] = {
+    name: _named(name) for name in SCHEDULER_NAMES}
 
 
 def make_scheduler(args: RayServeArgs) -> Scheduler:
@@ -176,12 +184,13 @@ def make_scheduler(args: RayServeArgs) -> Scheduler:
             raise DreamLLMError(f"cannot load the scheduler factory {args.scheduler!r} in this "
                                 f"replica ({e}); is its module installed on every node?") from None
 
-    def load():
+    def load(engine_config=None):
         from ..pipeline import DreamLLMPipeline
 
         return DreamLLMPipeline.from_pretrained(
             args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
-            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False)
+            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False,
+            engine_config=engine_config)
 
     sched = factory(load, args)
     if not isinstance(sched, Scheduler):

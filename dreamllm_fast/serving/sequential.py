@@ -23,9 +23,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..devices import device_failed
 from ..diffusion import check_diffusion_args
 from ..errors import ContextOverflowError, InvalidInputError
-from ..prompt import PromptBuilder
+from ..prompt import Prompt, PromptBuilder
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, NotReadyError,
                         QueueFullError, RateMeter, RequestFailed, RequestHandle, Scheduler,
                         SchedulerStats, StopStrings, TextDelta)
@@ -52,6 +53,7 @@ class SequentialScheduler(Scheduler):
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._running: Optional[RequestHandle] = None
         self._closing = False
+        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
         self._thread: Optional[threading.Thread] = None
         self._rate = RateMeter()
         self._latency_ema = 1.0  # seconds per request, for Retry-After
@@ -107,6 +109,8 @@ class SequentialScheduler(Scheduler):
         with self._cv:
             if self._closing:
                 raise NotReadyError("the server is shutting down; retry elsewhere")
+            if not self._health.ready:  # the worker stopped since the check above
+                raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
             if len(self._queue) >= self.max_queue:
                 self._counters["rejected"] += 1
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
@@ -128,65 +132,8 @@ class SequentialScheduler(Scheduler):
     def _prepare(self, pipe, req: GenerationRequest) -> tuple[GenerationRequest, int]:
         """Checks before queueing; returns the request with max_new_tokens resolved, and the
         prompt length in tokens (image spans included)."""
-        # A builder per call: PromptBuilder keeps per-call state, and the worker uses the
-        # pipeline's own builder at the same time.
-        builder = PromptBuilder(pipe.tokenizer, pipe.config, pipe.special)
-        max_len = pipe.max_len
-        span = pipe.config.image_span_len
-        if req.kind in ("chat", "interleaved"):
-            texts = [c for m in req.messages for c in _texts(m.get("content"))]
-            n_img = sum(1 for m in req.messages for c in _items(m.get("content"))
-                        if not isinstance(c, (str, dict)))
-            # Every token covers at most max_piece_chars characters: far too much text fails
-            # here, before the (slow) tokenizer sees megabytes.
-            if sum(map(len, texts)) > max_len * self._max_piece_chars or n_img * span > max_len:
-                raise ContextOverflowError(_overflow_msg(max_len, None, n_img, span, req.max_new_tokens))
-            prompt = builder.chat(req.messages)
-            n_prompt = len(prompt)
-            if req.max_new_tokens is None:
-                if n_prompt >= max_len:
-                    raise ContextOverflowError(
-                        _overflow_msg(max_len, n_prompt, len(prompt.images), span, None))
-                max_new = max_len - n_prompt
-            else:
-                max_new = req.max_new_tokens
-                if n_prompt + max_new > max_len:
-                    raise ContextOverflowError(
-                        _overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
-            req = dataclasses.replace(req, max_new_tokens=max_new,
-                                      sampling=dataclasses.replace(req.sampling, max_new_tokens=max_new))
-        else:
-            if len(req.prompt or "") > max_len * self._max_piece_chars:
-                raise ContextOverflowError(_overflow_msg(max_len, None, 0, span, None, "prompt"))
-            prompt = builder.raw(req.prompt or "", dream_queries=True)
-            n_prompt = len(prompt)
-            if n_prompt > max_len:
-                raise ContextOverflowError(_overflow_msg(max_len, n_prompt, 0, span, None, "prompt"))
-            self._check_size(pipe, req.image.size)
-        if req.kind in ("interleaved", "image"):
-            o = req.image
-            check_diffusion_args(o.num_inference_steps, o.guidance_scale,
-                                 pipe.config.diffusion.scheduler["num_train_timesteps"])
-            if not isinstance(o.max_images, int) or o.max_images < 0:
-                raise InvalidInputError(f"max_images must be an integer >= 0, got {o.max_images!r}")
-            if o.negative_prompt is not None:
-                neg = builder.raw(o.negative_prompt, dream_queries=True)
-                if len(neg) > max_len:
-                    raise ContextOverflowError(
-                        f"negative_prompt is {len(neg)} tokens; the context holds {max_len}")
-        return req, n_prompt
-
-    @staticmethod
-    def _check_size(pipe, size) -> None:
-        if size is None:
-            return
-        d = pipe.config.diffusion
-        f, top = d.vae_scale_factor, 2 * d.default_resolution  # SD-2.1-base: 512 native, 1024 max
-        for name, v in zip(("width", "height"), size):
-            if v < f or v > top or v % f:
-                raise InvalidInputError(
-                    f"size: {name} must be a multiple of {f} in [{f}, {top}] for this model (its "
-                    f"native size is {d.default_resolution}x{d.default_resolution}), got {v}")
+        p = prepare_request(pipe, req, self._max_piece_chars)
+        return p.request, p.prompt_tokens
 
     # -- the worker ---------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -217,6 +164,18 @@ class SequentialScheduler(Scheduler):
             finally:
                 with self._cv:
                     self._running = None
+            if self._broken is not None:  # no later request can succeed in this process
+                e = self._broken
+                why = f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); restart the server"
+                log.error("%s", why)
+                self._health = Health(False, why, failed=True)
+                with self._cv:
+                    pending = list(self._queue)
+                    self._queue.clear()
+                for h in pending:
+                    h.emit(RequestFailed(NotReadyError(f"{why}; retry elsewhere")))
+                    h.close()
+                return
 
     def _run(self, pipe, handle: RequestHandle) -> None:
         req = handle.request
@@ -236,6 +195,8 @@ class SequentialScheduler(Scheduler):
             if not isinstance(e, InvalidInputError):
                 log.exception("request %s failed", handle.request_id)
             handle.emit(RequestFailed(e))
+            if device_failed(e):
+                self._broken = e
         finally:
             handle.close()
             self._counters[outcome] += 1
@@ -321,12 +282,12 @@ class SequentialScheduler(Scheduler):
 
     # -- stats --------------------------------------------------------------------------------
     def _kv_slots(self) -> tuple[int, int]:
-        """(used, total): the engine's real KV-cache slots when the backend has them, else this
-        scheduler's one sequence at a time. (Wanted: a public `pipe.kv_slots()`.)"""
-        model = getattr(self._pipe, "model", None)
-        free, ec = getattr(model, "_free", None), getattr(model, "engine_config", None)
-        if free is not None and ec is not None:
-            return ec.max_batch - len(free), ec.max_batch
+        """(used, total): the backend's KV-cache slots when it bounds them (the engine's static
+        cache), else this scheduler's one sequence at a time."""
+        pipe = self._pipe
+        used, total = pipe.kv_slots() if pipe is not None else (0, None)
+        if total is not None:
+            return used, total
         return (1 if self._running is not None else 0), 1
 
     def stats(self) -> SchedulerStats:
@@ -341,6 +302,80 @@ class SequentialScheduler(Scheduler):
             prompt_tokens=c["prompt_tokens"], images_generated=c["images"],
             requests={k: c[k] for k in ("ok", "cancelled", "failed", "rejected")},
             stage_seconds=dict(self._stages))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request checked against the model, with what the checks built (the worker reuses it)."""
+
+    request: GenerationRequest  # max_new_tokens resolved
+    prompt_tokens: int  # image spans included
+    prompt: Prompt  # the chat prompt, or the text-to-image prompt with its dream query slots
+    negative: Optional[Prompt] = None  # the built negative prompt (images, interleaved)
+
+
+def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepared:
+    """Everything `submit` checks before queueing (both schedulers): prompt length against the
+    context (images included), max_new_tokens resolved, diffusion settings, the image size."""
+    # A builder per call: the worker builds prompts with the pipeline's own builder meanwhile.
+    builder = PromptBuilder(pipe.tokenizer, pipe.config, pipe.special)
+    max_len = pipe.max_len
+    span = pipe.config.image_span_len
+    negative = None
+    if req.kind in ("chat", "interleaved"):
+        texts = [c for m in req.messages for c in _texts(m.get("content"))]
+        n_img = sum(1 for m in req.messages for c in _items(m.get("content"))
+                    if not isinstance(c, (str, dict)))
+        # Every token covers at most max_piece_chars characters: far too much text fails
+        # here, before the (slow) tokenizer sees megabytes.
+        if sum(map(len, texts)) > max_len * max_piece_chars or n_img * span > max_len:
+            raise ContextOverflowError(_overflow_msg(max_len, None, n_img, span, req.max_new_tokens))
+        prompt = builder.chat(req.messages)
+        n_prompt = len(prompt)
+        if req.max_new_tokens is None:
+            if n_prompt >= max_len:
+                raise ContextOverflowError(
+                    _overflow_msg(max_len, n_prompt, len(prompt.images), span, None))
+            max_new = max_len - n_prompt
+        else:
+            max_new = req.max_new_tokens
+            if n_prompt + max_new > max_len:
+                raise ContextOverflowError(
+                    _overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
+        req = dataclasses.replace(req, max_new_tokens=max_new,
+                                  sampling=dataclasses.replace(req.sampling, max_new_tokens=max_new))
+    else:
+        if len(req.prompt or "") > max_len * max_piece_chars:
+            raise ContextOverflowError(_overflow_msg(max_len, None, 0, span, None, "prompt"))
+        prompt = builder.raw(req.prompt or "", dream_queries=True)
+        n_prompt = len(prompt)
+        if n_prompt > max_len:
+            raise ContextOverflowError(_overflow_msg(max_len, n_prompt, 0, span, None, "prompt"))
+        _check_size(pipe, req.image.size)
+    if req.kind in ("interleaved", "image"):
+        o = req.image
+        check_diffusion_args(o.num_inference_steps, o.guidance_scale,
+                             pipe.config.diffusion.scheduler["num_train_timesteps"])
+        if not isinstance(o.max_images, int) or o.max_images < 0:
+            raise InvalidInputError(f"max_images must be an integer >= 0, got {o.max_images!r}")
+        if o.negative_prompt is not None:
+            negative = builder.raw(o.negative_prompt, dream_queries=True)
+            if len(negative) > max_len:
+                raise ContextOverflowError(
+                    f"negative_prompt is {len(negative)} tokens; the context holds {max_len}")
+    return Prepared(req, n_prompt, prompt, negative)
+
+
+def _check_size(pipe, size) -> None:
+    if size is None:
+        return
+    d = pipe.config.diffusion
+    f, top = d.vae_scale_factor, 2 * d.default_resolution  # SD-2.1-base: 512 native, 1024 max
+    for name, v in zip(("width", "height"), size):
+        if v < f or v > top or v % f:
+            raise InvalidInputError(
+                f"size: {name} must be a multiple of {f} in [{f}, {top}] for this model (its "
+                f"native size is {d.default_resolution}x{d.default_resolution}), got {v}")
 
 
 def _items(content) -> list:

@@ -12,13 +12,15 @@ from serving_helpers import LiveServer  # noqa: E402
 
 from benchmarks import bench_serve  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
-from dreamllm_fast.serving import SequentialScheduler, ServeConfig, create_app  # noqa: E402
+from dreamllm_fast.serving import (BatchedScheduler, SequentialScheduler, ServeConfig,  # noqa: E402
+                                   create_app)
 
 
-def test_bench_serve_reports_a_clean_run(tiny_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("scheduler", [SequentialScheduler, BatchedScheduler])
+def test_bench_serve_reports_a_clean_run(scheduler, tiny_ckpt, tmp_path, capsys):
     pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", backend="engine",
                                             progress=False)
-    sched = SequentialScheduler(pipe, warmup=False)
+    sched = scheduler(pipe, warmup=False)
     with LiveServer(create_app(sched, ServeConfig(model_name="t", api_key="k"))) as srv:
         assert sched.wait_ready(60)
         rc = bench_serve.main(["--url", srv.url, "--api-key", "k", "--clients", "3", "--requests", "5",
@@ -27,11 +29,11 @@ def test_bench_serve_reports_a_clean_run(tiny_ckpt, tmp_path, capsys):
     assert rc == 0
     rep = json.loads((tmp_path / "bench_serve.json").read_text())
     (row,) = rep["results"]
-    assert row["scheduler"] == "sequential" and row["requests"] == row["ok"] == 5 and row["errors"] == 0
+    assert row["scheduler"] == sched.name and row["requests"] == row["ok"] == 5 and row["errors"] == 0
     assert row["kv_slots_total"] == 2 and row["kv_slots_free_after"] == 2  # the engine's slots
     assert row["tokens"] == 4 * 4  # 4 chat/vision requests (t2i makes no tokens), 4 tokens each
     assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and row["latency_p50_s"] <= row["latency_p99_s"]
-    assert "| sequential | 5 | 0 |" in capsys.readouterr().out
+    assert f"| {sched.name} | 5 | 0 |" in capsys.readouterr().out
 
 
 def test_percentile_is_nearest_rank():

@@ -39,29 +39,43 @@ def test_help_and_defaults():
     assert e.value.code == 0
     args = cli.build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
-    assert args.scheduler == "sequential" and args.max_queue == 64
+    assert args.scheduler == "batched" and args.max_queue == 64 and args.max_batch is None
 
 
 def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckpt, capsys):
     assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--max-queue", "3",
                      "--max-image-pixels", "1000", "--allow-image-host", "img.local:8080",
-                     "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "8",
-                     "--max-input-images", "3"]) == 0
+                     "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "6",
+                     "--prefill-chunk", "32", "--image-batch", "2", "--max-input-images", "3",
+                     "--backend", "engine", "--device", "cpu"]) == 0
     host, port = recorder.last.bound
     assert host == "127.0.0.1" and port > 0
     out = capsys.readouterr()
-    assert f"on http://127.0.0.1:{port}" in out.out and "one request at a time" in out.out
-    assert "--max-batch 8 takes effect with the batched scheduler" in out.err
-    assert "warning" not in out.err
+    assert f"on http://127.0.0.1:{port}" in out.out and "up to 6 sequences together" in out.out
+    assert "warning" not in out.err and "note" not in out.err
     app = recorder.last.config.app
     cfg, sched = app.state.config, app.state.scheduler
     assert cfg.model_name == "m1" and cfg.api_key is None and cfg.max_body_bytes == 2**20
     assert cfg.media.max_image_pixels == 1000 and cfg.media.allowed_hosts == ("img.local:8080",)
     assert cfg.media.max_images == 3
-    assert sched.max_queue == 3 and sched.name == "sequential"
+    assert sched.name == "batched" and sched.max_queue == 3 and sched.max_batch == 6
+    assert sched.prefill_chunk == 32 and sched.max_images == 2
+    # the engine the scheduler loads has one KV slot per sequence and decode graphs up to 6
+    ec = sched._load().model.engine_config
+    assert ec.max_batch == 6 and ec.cuda_graph_batch_sizes == (1, 2, 4, 6) and ec.precision == "fp32"
     from PIL import Image
 
     assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's own guard, lowered to ours in the server process
+
+
+def test_the_sequential_scheduler_says_the_batch_flags_do_not_apply(recorder, tiny_ckpt, capsys):
+    assert cli.main(["serve", "-c", str(tiny_ckpt), "--port", "0", "--scheduler", "sequential",
+                     "--max-batch", "8", "--max-queue", "3"]) == 0
+    out = capsys.readouterr()
+    assert "one request at a time" in out.out
+    assert "--max-batch applies to the batched scheduler only" in out.err
+    sched = recorder.last.config.app.state.scheduler
+    assert sched.name == "sequential" and sched.max_queue == 3
 
 
 def test_api_key_from_the_environment_and_warning_when_exposed(recorder, tiny_ckpt, monkeypatch, capsys):

@@ -56,9 +56,27 @@ def test_deployment_options_fixed_and_autoscaling():
     assert "num_replicas" not in opts and opts["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 4, "initial_replicas": 2, "target_ongoing_requests": 3}
     make_deployment(auto)  # Ray accepts it
+    # Ray hands a batched replica twice its batch (a full batch and as many waiting), a
+    # sequential one 8
+    assert RayServeArgs(checkpoint="/m").deployment_options()["max_ongoing_requests"] == 16
+    assert RayServeArgs(checkpoint="/m", max_batch=4).deployment_options()["max_ongoing_requests"] == 8
+    assert RayServeArgs(checkpoint="/m", scheduler="sequential").deployment_options()[
+        "max_ongoing_requests"] == 8
     # only one bound given: the other follows from the replica count
     assert RayServeArgs(checkpoint="/m", replicas=3, min_replicas=2).deployment_options()[
         "autoscaling_config"] == {"min_replicas": 2, "max_replicas": 3, "initial_replicas": 3}
+
+
+def test_each_named_scheduler_is_built_as_the_cli_builds_it(tiny_ckpt):
+    a = RayServeArgs(checkpoint=str(tiny_ckpt), device="cpu", backend="engine", max_batch=3,
+                     prefill_chunk=64, image_batch=2, max_queue=5)
+    sched = ray_app.make_scheduler(a)  # the default: batched
+    assert (sched.name, sched.max_batch, sched.prefill_chunk, sched.max_images, sched.max_queue) == \
+        ("batched", 3, 64, 2, 5)
+    ec = sched._load().model.engine_config  # the replica's engine: 3 slots, graphs up to 3
+    assert ec.max_batch == 3 and ec.cuda_graph_batch_sizes == (1, 2, 3)
+    seq = ray_app.make_scheduler(a.model_copy(update={"scheduler": "sequential"}))
+    assert seq.name == "sequential" and seq.max_queue == 5
 
 
 def test_serve_config_matches_the_flags():

@@ -37,7 +37,8 @@ yaml = pytest.importorskip("yaml", reason="ray[serve] brings PyYAML; the config 
 from ray_helpers import FLAGS_ENV  # noqa: E402
 from serving_helpers import LiveServer, data_url, encode, scene  # noqa: E402
 
-from dreamllm_fast.serving import SequentialScheduler, ServeConfig, create_app  # noqa: E402
+from dreamllm_fast.serving import ServeConfig, create_app  # noqa: E402
+from dreamllm_fast.serving.factory import build_scheduler  # noqa: E402
 from dreamllm_fast.serving.ray_app import (APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER,  # noqa: E402
                                            RayServeArgs, make_deployment)
 
@@ -149,7 +150,9 @@ def single(tiny_ckpt):
     try:
         pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32",
                                                 backend="reference", progress=False)
-        sched = SequentialScheduler(pipe, max_queue=8)
+        args = yaml.safe_load(EXAMPLE.read_text())["applications"][0]["args"]  # the replicas'
+        sched = build_scheduler(args["scheduler"], lambda engine_config=None: pipe, max_queue=8,
+                                max_batch=args.get("max_batch"))
         with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
             assert sched.wait_ready(60), sched.health()
             yield srv
