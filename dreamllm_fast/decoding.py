@@ -141,7 +141,8 @@ class DecodeLoop:
     def finish(self, seq: Sequence, reason: str = "cancelled") -> None:
         """End a sequence from outside (cancel, or a declined pause). When it is in the running
         batch, the batch is drained first, so its session is committed and free to use or close;
-        events of other sequences produced by the drain come with the next `step()`."""
+        events of other sequences produced by the drain come with the next `step()` (see
+        `has_events`: the drained sequences may all have finished, leaving none running)."""
         if seq.state is State.FINISHED:
             return
         in_batch = seq.state is State.RUNNING
@@ -176,11 +177,21 @@ class DecodeLoop:
         (nothing committed: close the sessions) and the exception propagates; the loop and the
         backend stay usable.
         """
+        carried = list(self._carry)
         try:
             return self._step()
         except BaseException:
+            # events drained before this step (a `finish` of a batch-mate) describe work that
+            # happened: they come with the next step() (`has_events`), not lost with this one
+            self._carry = carried
             self._fail()
             raise
+
+    @property
+    def has_events(self) -> bool:
+        """Events wait for the next `step()` (drained by `finish` from a batch-mate's run-ahead
+        step, e.g. its last token): call `step()` even if no sequence is running."""
+        return bool(self._carry)
 
     def _fail(self) -> None:
         b, self._batch, self._batch_seqs, self._dirty = self._batch, None, [], False

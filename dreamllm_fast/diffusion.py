@@ -95,7 +95,9 @@ class DiffusionJob:
         if self.do_cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + self.guidance_scale * (eps_c - eps_u)
-        t = self.timesteps[self.index]
+        # the host copy of t: DDPMScheduler.step branches on t and indexes its CPU alphas with
+        # it, which with a device tensor costs a host sync per branch (same values either way)
+        t = self.host_timesteps[self.index]
         self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator,
                                            return_dict=False)[0]
         self.index += 1

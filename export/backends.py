@@ -72,9 +72,19 @@ class _Backend:
         self.requested = requested
         self.fallback_reason = fallback_reason
 
+    @property
+    def max_rows(self) -> Optional[int]:
+        """Most batch rows one runner call takes (a TensorRT engine's profile), or None."""
+        return getattr(self.runner, "max_rows", None)
+
     def _run(self, *args: torch.Tensor) -> torch.Tensor:
+        """Rows past `max_rows` (several images drawn together by the server) run in pieces;
+        rows are independent in both the U-Net and the VAE."""
+        cap, n = self.max_rows, args[0].shape[0]
         with torch.no_grad():
-            return self.runner(*args)
+            if cap is None or n <= cap:
+                return self.runner(*args)
+            return torch.cat([self.runner(*(a[i:i + cap] for a in args)) for i in range(0, n, cap)])
 
     def __repr__(self):
         extra = f", fell back from {self.requested!r}: {self.fallback_reason}" \
@@ -225,6 +235,7 @@ class TensorRTRunner:
                                                cache_dir=cache_dir, resolution=resolution,
                                                opset=opset)
         self.profile = spec.profile(images, default_resolutions(resolution))
+        self.max_rows = images[2] * spec.rows_per_image  # the profile's largest batch
         self.engine = build_or_load_engine(spec.name, self.onnx_path, profile=self.profile,
                                            precision=precision, cache_dir=cache_dir,
                                            strongly_typed=strongly_typed,

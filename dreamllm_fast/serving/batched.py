@@ -22,8 +22,9 @@ checks them first, exactly as the sequential scheduler does: serving/sequential.
    (CLIP) and fed back, and its sequence rejoins the decode batch.
 
 Randomness equals the one-request pipeline's: choice i of a request with seed s owns
-`torch.Generator().manual_seed(s + i)`; a sampled sequence draws its Philox key from it first, and
-its images' latents and DDPM noise come from it afterwards, in the same order.
+`torch.Generator(device).manual_seed(s + i)` (the model's device); a sampled sequence draws
+its Philox key from it first, and its images' latents and DDPM noise come from it afterwards,
+in the same order.
 
 Failures: an exception in one request's own work (its CLIP encode, its image's VAE decode, ...)
 fails that request (`RequestFailed`) and nothing else. An exception in a shared step fails the
@@ -214,7 +215,10 @@ class BatchedScheduler(Scheduler):
         self._pipe = pipe
         sp = pipe.special
         self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos)}
-        self._health = Health(True, "ready")
+        with self._cv:
+            if self._closing:  # shut down while loading: never report ready
+                return
+            self._health = Health(True, "ready")
         why = "the scheduler's worker stopped"
         try:
             while True:
@@ -316,7 +320,7 @@ class BatchedScheduler(Scheduler):
 
     def _start(self, r: Request) -> bool:
         """Start every part of `r` that can start; False when a slot ran out first."""
-        pipe, model = self._pipe, self._pipe.model
+        model = self._pipe.model
         while not r.finished:
             part = r.wants()
             if part is None:
@@ -329,26 +333,36 @@ class BatchedScheduler(Scheduler):
                 log.warning("no KV slot for %s: %s", r.handle.request_id, e)
                 return False
             r.sessions.add(session)
-            if part == "negative":
-                r.negative_started = True
-                emb = pipe.embed_prompt(r.prepared.negative)
-                self._prefills.append(Prefill(r, None, session, emb, self._chunk, self._negative_done,
-                                              rows=_query_rows(r.prepared.negative, pipe),
-                                              stage="condition", label="negative"))
-            elif part == "cond":
-                r.cond_started = True
-                self._prefills.append(Prefill(r, None, session, r.embeds, self._chunk, self._cond_done,
-                                              rows=_query_rows(r.prepared.prompt, pipe),
-                                              stage="condition", label="cond"))
-            else:  # a sequence: its generator draws the Philox key before anything else
-                c = part
-                c.generator = torch.Generator(device=model.device).manual_seed(int(c.seed))
-                c.philox = draw_seed(c.generator) if r.request.sampling.do_sample else 0
-                c.session = session
-                c.phase = "prefill"
-                self._prefills.append(Prefill(r, c, session, r.embeds, self._chunk, self._joined,
-                                              label="prompt"))
+            try:
+                self._start_part(r, part, session)
+            except Exception as e:  # noqa: BLE001 - this request's own work
+                self._fail(r, e)
+                return True
         return True
+
+    def _start_part(self, r: Request, part, session) -> None:
+        """Queue the pass of one part of `r` (a negative prompt, a condition, or a sequence's
+        prompt) on its new session."""
+        pipe = self._pipe
+        if part == "negative":
+            r.negative_started = True
+            emb = pipe.embed_prompt(r.prepared.negative)
+            self._prefills.append(Prefill(r, None, session, emb, self._chunk, self._negative_done,
+                                          rows=_query_rows(r.prepared.negative, pipe),
+                                          stage="condition", label="negative"))
+        elif part == "cond":
+            r.cond_started = True
+            self._prefills.append(Prefill(r, None, session, r.embeds, self._chunk, self._cond_done,
+                                          rows=_query_rows(r.prepared.prompt, pipe),
+                                          stage="condition", label="cond"))
+        else:  # a sequence: its generator draws the Philox key before anything else
+            c = part
+            c.generator = torch.Generator(device=pipe.model.device).manual_seed(int(c.seed))
+            c.philox = draw_seed(c.generator) if r.request.sampling.do_sample else 0
+            c.session = session
+            c.phase = "prefill"
+            self._prefills.append(Prefill(r, c, session, r.embeds, self._chunk, self._joined,
+                                          label="prompt"))
 
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill_pass(self) -> None:
@@ -430,25 +444,30 @@ class BatchedScheduler(Scheduler):
 
     # -- decode -----------------------------------------------------------------------------------
     def _decoding(self) -> bool:
-        return self.loop is not None and any(s.state in (State.WAITING, State.RUNNING) for s in self.loop.seqs)
+        return self.loop is not None and (self.loop.has_events or any(
+            s.state in (State.WAITING, State.RUNNING) for s in self.loop.seqs))
 
     def _loop_call(self, fn):
         """Run a DecodeLoop call; if it raises, the loop has reset itself (every sequence it held
         ended with "error"): fail the requests of the sequences that were in the step, and mark
         the ones paused in a dream branch to rejoin as new sequences when their image is done."""
         paused = {id(s) for s in self.loop.seqs if s.state is State.PAUSED}
+        live = {id(s) for s in self.loop.seqs if s.state in (State.WAITING, State.RUNNING)}
         try:
             return fn(), None
         except Exception as e:  # noqa: BLE001 - a shared step failed
             log.exception("a decode step failed; failing the sequences in it")
+            if device_failed(e):
+                self._broken = e  # the worker stops after this iteration
             for r in list(self._reqs):
                 for c in r.choices:
-                    if c.seq is not None and not c.done and c.seq.finish_reason == "error":
-                        if id(c.seq) in paused:
-                            c.rejoin = True
-                        else:
-                            self._fail(r, e)
-                            break
+                    if c.seq is None or c.done:
+                        continue
+                    if id(c.seq) in paused:  # drawing its image: not in the step
+                        c.rejoin = True
+                    elif id(c.seq) in live:  # in the step (or being finished by `fn`)
+                        self._fail(r, e)
+                        break
             return None, e
 
     def _decode_step(self) -> None:

@@ -11,8 +11,8 @@ Mapping to the model:
 - System messages: the "vicuna_v1.1" template the model was tuned on has one system prompt, at the
   start. Leading system (or ``developer``) messages are joined with newlines and replace the
   default system prompt; a system message after the conversation started is refused (400).
-- ``seed`` s: choice i samples with ``torch.Generator().manual_seed(s + i)``; without a seed each
-  request draws a fresh one.
+- ``seed`` s: choice i samples with ``torch.Generator(device).manual_seed(s + i)`` (the model's
+  device); without a seed each request draws a fresh one.
 - ``"modalities": ["text", "image"]`` asks for an interleaved answer; its content is a list of
   ``text`` and ``image_url`` (PNG data URL) parts, in order. Extensions for its images:
   ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``max_images``.

@@ -19,8 +19,9 @@ Contract every scheduler keeps:
   sampling and diffusion settings), so a bad request fails with an error and never streams;
 - a full queue raises `QueueFullError` at once (HTTP 429 with Retry-After), never blocks;
 - `handle.cancel()` (client gone) frees the request's queue place or KV slot promptly;
-- choice i of a request with seed s draws from `torch.Generator().manual_seed(s + i)`, so a seeded
-  request is reproducible and equals the single-request pipeline output with that generator;
+- choice i of a request with seed s draws from `torch.Generator(device).manual_seed(s + i)` (the
+  model's device), so a seeded request is reproducible and equals the single-request pipeline
+  output with that generator;
 - after any error the scheduler keeps serving.
 """
 from __future__ import annotations

@@ -151,7 +151,10 @@ class SequentialScheduler(Scheduler):
                                   failed=True)
             return
         self._pipe = pipe
-        self._health = Health(True, "ready")
+        with self._cv:
+            if self._closing:  # shut down while loading: never report ready
+                return
+            self._health = Health(True, "ready")
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
