@@ -14,7 +14,7 @@ from .media import MediaLimits
 from .protocol import ServeConfig
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageOptions, ImageResult,
                         NotReadyError, QueueFullError, RequestFailed, RequestHandle, Scheduler,
-                        SchedulerStats, TextDelta)
+                        SchedulerStats, TextDelta, WorkerScheduler)
 from .batched import BatchedScheduler, serving_engine_config
 from .sequential import SequentialScheduler
 
@@ -29,4 +29,4 @@ def create_app(*args, **kwargs):
 __all__ = ["BatchedScheduler", "ChoiceDone", "GenerationRequest", "Health", "ImageOptions",
            "ImageResult", "MediaLimits", "NotReadyError", "QueueFullError", "RequestFailed", "RequestHandle",
            "Scheduler", "SchedulerStats", "SequentialScheduler", "ServeConfig", "TextDelta",
-           "create_app", "serving_engine_config"]
+           "WorkerScheduler", "create_app", "serving_engine_config"]

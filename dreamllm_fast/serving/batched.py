@@ -58,15 +58,15 @@ from ..diffusion import (DiffusionJob, decode_latents, denoise_step, make_schedu
 from ..errors import InvalidInputError
 from ..sampling import draw_seed
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, NotReadyError,
-                        QueueFullError, RateMeter, RequestFailed, RequestHandle, Scheduler,
-                        SchedulerStats)
+                        QueueFullError, RateMeter, RequestFailed, RequestHandle, SchedulerStats,
+                        WorkerScheduler)
 from .sequential import prepare_request
 from .work import Choice, Prefill, Request
 
 log = logging.getLogger("dreamllm_fast.serving")
 
 
-class BatchedScheduler(Scheduler):
+class BatchedScheduler(WorkerScheduler):
     """load: a `DreamLLMPipeline` or a function returning one (called on the worker thread).
 
     max_batch: most sequences holding a KV slot at once; the engine's own slot count
@@ -76,6 +76,7 @@ class BatchedScheduler(Scheduler):
     """
 
     name = "batched"
+    _thread_name = "dreamllm-batched"
 
     def __init__(self, load: Union[Callable[[], object], object], *, max_queue: int = 64,
                  max_batch: int = 8, prefill_chunk: Optional[int] = None, max_images: int = 8,
@@ -86,19 +87,15 @@ class BatchedScheduler(Scheduler):
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
                                           or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise InvalidInputError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self._load = load if callable(load) else (lambda: load)
+        self._init_worker(load)
         self.max_queue, self.max_batch, self.max_images = max_queue, max_batch, max_images
         self.prefill_chunk = prefill_chunk
         self._default_chunk = 512
         self.warmup = warmup
-        self._pipe = None
-        self._health = Health(False, "not started")
         self._cv = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
         self._closing = False
-        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
-        self._thread: Optional[threading.Thread] = None
         # worker-owned state
         self._reqs: list[Request] = []  # admitted and not finished, in admission order
         self._prefills: list[Prefill] = []  # FIFO
@@ -117,25 +114,6 @@ class BatchedScheduler(Scheduler):
         self.trace: Optional[list] = None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._health = Health(False, "loading the model")
-        self._thread = threading.Thread(target=self._worker, name="dreamllm-batched", daemon=True)
-        self._thread.start()
-
-    def health(self) -> Health:
-        return self._health
-
-    @property
-    def max_context(self) -> int:
-        return self._pipe.max_len if self._pipe is not None else 0
-
-    @property
-    def pipeline(self):
-        """The pipeline this scheduler owns (None until loaded); the worker thread uses it."""
-        return self._pipe
-
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._closing = True
@@ -238,8 +216,7 @@ class BatchedScheduler(Scheduler):
                         self._broken = e
                 if self._broken is not None:  # no later request can succeed in this process
                     e = self._broken
-                    why = (f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                           f"restart the server")
+                    why = self._device_failed_detail(e)
                     log.error("%s", why)
                     return
         except BaseException as e:

@@ -293,3 +293,45 @@ class Scheduler(abc.ABC):
                 break
             time.sleep(0.02)
         return self.health().ready
+
+
+class WorkerScheduler(Scheduler):
+    """A scheduler whose one worker thread (`_worker`) loads, warms up and then owns the pipeline;
+    the shared lifecycle of the batched and sequential schedulers."""
+
+    _thread_name = "dreamllm-worker"
+
+    def _init_worker(self, load) -> None:
+        self._load = load if callable(load) else (lambda: load)
+        self._pipe = None
+        self._health = Health(False, "not started")
+        self._thread: Optional[threading.Thread] = None
+        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._health = Health(False, "loading the model")
+        self._thread = threading.Thread(target=self._worker, name=self._thread_name, daemon=True)
+        self._thread.start()
+
+    def health(self) -> Health:
+        return self._health
+
+    @property
+    def max_context(self) -> int:
+        return self._pipe.max_len if self._pipe is not None else 0
+
+    @property
+    def pipeline(self):
+        """The pipeline this scheduler owns (None until loaded); only its worker thread calls it."""
+        return self._pipe
+
+    @staticmethod
+    def _device_failed_detail(e: BaseException) -> str:
+        return f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); restart the server"
+
+    @abc.abstractmethod
+    def _worker(self) -> None:
+        """Load (report failures through `health()`), then serve until shut down."""
+

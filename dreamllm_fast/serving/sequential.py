@@ -28,33 +28,30 @@ from ..diffusion import check_diffusion_args
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, NotReadyError,
-                        QueueFullError, RateMeter, RequestFailed, RequestHandle, Scheduler,
-                        SchedulerStats, StopStrings, TextDelta)
+                        QueueFullError, RateMeter, RequestFailed, RequestHandle, SchedulerStats,
+                        StopStrings, TextDelta, WorkerScheduler)
 
 log = logging.getLogger("dreamllm_fast.serving")
 
 
-class SequentialScheduler(Scheduler):
+class SequentialScheduler(WorkerScheduler):
     """load: a `DreamLLMPipeline`, or a function returning one (called on the worker thread, so
     the server answers /health with 503 while the weights load)."""
 
     name = "sequential"
+    _thread_name = "dreamllm-sequential"
 
     def __init__(self, load: Union[Callable[[], object], object], *, max_queue: int = 64,
                  warmup: bool = True):
         if not isinstance(max_queue, int) or max_queue < 1:
             raise InvalidInputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
-        self._load = load if callable(load) else (lambda: load)
+        self._init_worker(load)
         self.max_queue = max_queue
         self.warmup = warmup
-        self._pipe = None
-        self._health = Health(False, "not started")
         self._cv = threading.Condition()
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._running: Optional[RequestHandle] = None
         self._closing = False
-        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
-        self._thread: Optional[threading.Thread] = None
         self._rate = RateMeter()
         self._latency_ema = 1.0  # seconds per request, for Retry-After
         self._max_piece_chars = 64
@@ -62,26 +59,6 @@ class SequentialScheduler(Scheduler):
         self._stages: collections.Counter = collections.Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._health = Health(False, "loading the model")
-        self._thread = threading.Thread(target=self._worker, name="dreamllm-sequential",
-                                        daemon=True)
-        self._thread.start()
-
-    def health(self) -> Health:
-        return self._health
-
-    @property
-    def max_context(self) -> int:
-        return self._pipe.max_len if self._pipe is not None else 0
-
-    @property
-    def pipeline(self):
-        """The pipeline this scheduler owns (None until loaded); do not call it concurrently."""
-        return self._pipe
-
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._closing = True
@@ -169,7 +146,7 @@ class SequentialScheduler(Scheduler):
                     self._running = None
             if self._broken is not None:  # no later request can succeed in this process
                 e = self._broken
-                why = f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); restart the server"
+                why = self._device_failed_detail(e)
                 log.error("%s", why)
                 self._health = Health(False, why, failed=True)
                 with self._cv:

@@ -133,7 +133,7 @@ def test_a_failed_step_keeps_the_events_drained_before_it(sched):
     assert loop.has_events
 
     def boom():  # takes the carried events first, as the real step does, then fails
-        events, loop._carry = loop._carry, []
+        loop._carry = []
         raise RuntimeError("injected")
 
     real, loop._step = loop._step, boom
