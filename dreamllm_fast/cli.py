@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import DreamLLMError
 
-DEFAULT_CACHE = Path(os.environ.get("DREAMLLM_FAST_CACHE", Path.home() / ".cache" / "dreamllm-fast"))
+DEFAULT_CACHE = None  # where the embedded tiny checkpoint goes; None: tiny.default_cache()
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -138,15 +138,7 @@ def _demo_image():
 
 
 def cmd_demo(args) -> int:
-    if args.checkpoint is None:
-        args.checkpoint = str(DEFAULT_CACHE / "tiny")
-        if not (Path(args.checkpoint) / "config.json").is_file():
-            from .tiny import make_tiny
-
-            print(f"no --checkpoint: writing a tiny random checkpoint to {args.checkpoint}")
-            make_tiny(args.checkpoint)
-        print("note: the tiny checkpoint has random weights; its text and images are noise. "
-              "Pass --checkpoint with a released DreamLLM model for real output.")
+    _default_checkpoint(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -185,15 +177,9 @@ def cmd_demo(args) -> int:
 
 def _default_checkpoint(args) -> None:
     """No --checkpoint: the embedded tiny random checkpoint (written once to the cache)."""
-    if args.checkpoint is None:
-        args.checkpoint = str(DEFAULT_CACHE / "tiny")
-        if not (Path(args.checkpoint) / "config.json").is_file():
-            from .tiny import make_tiny
+    from .tiny import embedded_checkpoint
 
-            print(f"no --checkpoint: writing a tiny random checkpoint to {args.checkpoint}")
-            make_tiny(args.checkpoint)
-        print("note: the tiny checkpoint has random weights; its text and images are noise. "
-              "Pass --checkpoint with a released DreamLLM model for real output.")
+    args.checkpoint = embedded_checkpoint(args.checkpoint, DEFAULT_CACHE)
 
 
 def cmd_serve(args) -> int:

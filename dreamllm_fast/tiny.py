@@ -10,6 +10,7 @@ SD-2.1-base from built-in constants).
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -214,3 +215,24 @@ def make_tiny(out_dir: "str | Path", seed: int = 0, init_std: float = 0.05) -> P
     _train_tokenizer(out, base_vocab, seed)
     _write_tokenizer_files(out, base_vocab)
     return out
+
+
+def default_cache() -> Path:
+    """Where the embedded tiny checkpoint is written: $DREAMLLM_FAST_CACHE, else
+    ~/.cache/dreamllm-fast."""
+    return Path(os.environ.get("DREAMLLM_FAST_CACHE", Path.home() / ".cache" / "dreamllm-fast"))
+
+
+def embedded_checkpoint(checkpoint=None, cache=None) -> str:
+    """`checkpoint`, or when None the embedded tiny random checkpoint (written once under `cache`,
+    default `default_cache()`), with a note that its output is noise."""
+    if checkpoint is not None:
+        return str(checkpoint)
+    path = Path(cache or default_cache()) / "tiny"
+    if not (path / "config.json").is_file():
+        print(f"no --checkpoint: writing a tiny random checkpoint to {path}")
+        make_tiny(path)
+    print("note: the tiny checkpoint has random weights; its text and images are noise. "
+          "Pass --checkpoint with a released DreamLLM model for real output.")
+    return str(path)
+

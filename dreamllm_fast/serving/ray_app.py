@@ -357,10 +357,10 @@ def serve_on_ray(ns) -> int:
 
     import ray
 
-    from ..cli import _default_checkpoint
+    from ..tiny import embedded_checkpoint
     from .security import is_loopback
 
-    _default_checkpoint(ns)
+    ns.checkpoint = embedded_checkpoint(ns.checkpoint)
     ns.api_key = ns.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(ns.host) and not ns.api_key:
         print(f"warning: serving on {ns.host} without an API key: anyone who reaches this port "
