@@ -22,7 +22,8 @@ Contract every scheduler keeps:
 - choice i of a request with seed s draws from `torch.Generator(device).manual_seed(s + i)` (the
   model's device), so a seeded request is reproducible and equals the single-request pipeline
   output with that generator;
-- after any error the scheduler keeps serving.
+- after any error the scheduler keeps serving, except one that leaves the GPU context unusable
+  (`devices.device_failed`): then `health()` turns failed for good (restart the process).
 """
 from __future__ import annotations
 
