@@ -19,6 +19,12 @@ DEFAULT_CACHE = None  # where the embedded tiny checkpoint goes; None: tiny.defa
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--checkpoint", "-c", required=required,
                    help="checkpoint directory in the official release layout")
+    _add_runtime_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs (the model commands and `serve`)."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default=None, choices=("reference", "engine"),
@@ -27,7 +33,6 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
     p.add_argument("--vae-backend", default="eager",
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
 
 
 def _add_image_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
@@ -194,7 +199,7 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from .serving import MediaLimits, ServeConfig, create_app
-        from .serving.factory import DEFAULT_MAX_BATCH, build_scheduler
+        from .serving.factory import DEFAULT_MAX_BATCH, build_scheduler, pipeline_loader
         from .serving.security import API_KEY_ENV, is_loopback
     except ImportError as e:
         raise DreamLLMError(f"serving needs the 'serve' extra ({e.name} is missing): "
@@ -220,15 +225,7 @@ def cmd_serve(args) -> int:
                           allowed_hosts=tuple(args.allow_image_host or ()),
                           fetch_timeout_s=args.image_fetch_timeout))
 
-    def load(engine_config=None):
-        from .pipeline import DreamLLMPipeline
-
-        return DreamLLMPipeline.from_pretrained(
-            args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
-            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False,
-            engine_config=engine_config)
-
-    scheduler = build_scheduler(args.scheduler, load, max_queue=args.max_queue,
+    scheduler = build_scheduler(args.scheduler, pipeline_loader(args), max_queue=args.max_queue,
                                 max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                                 image_batch=args.image_batch, warmup=not args.no_warmup,
                                 device=args.device, dtype=args.dtype)
@@ -264,14 +261,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $DREAMLLM_API_KEY; none)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--backend", default=None, choices=("reference", "engine"),
-                   help="model backend (default: engine on CUDA, reference on CPU)")
-    p.add_argument("--unet-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
-    p.add_argument("--vae-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    _add_runtime_args(p)
     p.add_argument("--scheduler", default="batched", choices=("batched", "sequential"),
                    help="batched: continuous batching of every request kind (default); "
                         "sequential: one request at a time (the baseline)")

@@ -14,6 +14,21 @@ SCHEDULER_NAMES = ("batched", "sequential")
 Loader = Callable[..., Any]
 
 
+def pipeline_loader(settings) -> Loader:
+    """`load(engine_config=None)` for a scheduler: the pipeline `settings` names (an object with
+    `dreamllm-fast serve`'s checkpoint, device, dtype, backend, unet_backend and vae_backend:
+    the parsed flags, or Ray's `RayServeArgs`), built on the scheduler's worker thread."""
+    def load(engine_config=None):
+        from ..pipeline import DreamLLMPipeline
+
+        return DreamLLMPipeline.from_pretrained(
+            settings.checkpoint, device=settings.device, dtype=settings.dtype,
+            backend=settings.backend, unet_backend=settings.unet_backend,
+            vae_backend=settings.vae_backend, progress=False, engine_config=engine_config)
+
+    return load
+
+
 def build_scheduler(name: str, load: Loader, *, max_queue: int = 64, max_batch: Optional[int] = None,
                     prefill_chunk: Optional[int] = None, image_batch: Optional[int] = None,
                     warmup: bool = True, device=None, dtype=None) -> Scheduler:

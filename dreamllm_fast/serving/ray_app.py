@@ -42,7 +42,7 @@ from ray import serve
 from ..errors import DreamLLMError
 from .media import MediaLimits
 from .protocol import ServeConfig
-from .factory import DEFAULT_MAX_BATCH, SCHEDULER_NAMES, build_scheduler
+from .factory import DEFAULT_MAX_BATCH, SCHEDULER_NAMES, build_scheduler, pipeline_loader
 from .scheduler import Scheduler
 from .security import API_KEY_ENV
 
@@ -184,15 +184,7 @@ def make_scheduler(args: RayServeArgs) -> Scheduler:
             raise DreamLLMError(f"cannot load the scheduler factory {args.scheduler!r} in this "
                                 f"replica ({e}); is its module installed on every node?") from None
 
-    def load(engine_config=None):
-        from ..pipeline import DreamLLMPipeline
-
-        return DreamLLMPipeline.from_pretrained(
-            args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
-            unet_backend=args.unet_backend, vae_backend=args.vae_backend, progress=False,
-            engine_config=engine_config)
-
-    sched = factory(load, args)
+    sched = factory(pipeline_loader(args), args)
     if not isinstance(sched, Scheduler):
         raise DreamLLMError(f"the scheduler factory {args.scheduler!r} returned "
                             f"{type(sched).__name__}, not a dreamllm_fast.serving.Scheduler")
