@@ -92,10 +92,8 @@ class BatchedScheduler(WorkerScheduler):
         self.prefill_chunk = prefill_chunk
         self._default_chunk = 512
         self.warmup = warmup
-        self._cv = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
-        self._closing = False
         # worker-owned state
         self._reqs: list[Request] = []  # admitted and not finished, in admission order
         self._prefills: list[Prefill] = []  # FIFO
@@ -120,27 +118,21 @@ class BatchedScheduler(WorkerScheduler):
             pending = list(self._queue)
             self._queue.clear()
             self._cv.notify_all()
-        for r in pending:
-            r.handle.emit(RequestFailed(NotReadyError("the server is shutting down; retry elsewhere")))
-            r.handle.close()
+        self._refuse([r.handle for r in pending], "the server is shutting down; retry elsewhere")
         if self._thread is not None:
             self._thread.join(timeout)
         self._health = Health(False, "shut down")
 
     # -- admission (event-loop side) ------------------------------------------------------------
     async def submit(self, request: GenerationRequest) -> RequestHandle:
+        self._check_ready()
         pipe = self._pipe
-        if pipe is None or not self._health.ready or self._closing:
-            raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
         prepared, pixels = await asyncio.to_thread(self._prepare, pipe, request)
         handle = RequestHandle(prepared.request, prepared.prompt_tokens)
         req = Request(handle, prepared, pixels)
         handle._on_cancel = lambda h: self._on_cancel(req)
         with self._cv:
-            if self._closing:
-                raise NotReadyError("the server is shutting down; retry elsewhere")
-            if not self._health.ready:  # the worker stopped since the check above
-                raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
+            self._check_ready(closing_first=True)  # the worker may have stopped since
             if len(self._queue) >= self.max_queue:
                 self._count("rejected")
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1) / self.max_batch)

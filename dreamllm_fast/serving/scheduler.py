@@ -255,6 +255,15 @@ class Health:
     failed: bool = False  # loading failed: this replica will never be ready (replace it)
 
 
+def emit_text(handle: "RequestHandle", i: int, stop: StopStrings, piece: Optional[str] = None) -> bool:
+    """Choice i's text through its stop strings: `piece` fed (True when a stop string ended the
+    choice), or with no piece the held-back tail flushed. What may be shown is emitted."""
+    out, hit = stop.feed(piece) if piece is not None else (stop.flush(), False)
+    if out:
+        handle.emit(TextDelta(i, out))
+    return hit
+
+
 class Scheduler(abc.ABC):
     """Owns the model; admits, runs and streams requests. See the module docstring."""
 
@@ -308,6 +317,8 @@ class WorkerScheduler(Scheduler):
         self._health = Health(False, "not started")
         self._thread: Optional[threading.Thread] = None
         self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
+        self._cv = threading.Condition()  # guards the queue and `_closing`
+        self._closing = False
 
     def start(self) -> None:
         if self._thread is not None:
@@ -327,6 +338,21 @@ class WorkerScheduler(Scheduler):
     def pipeline(self):
         """The pipeline this scheduler owns (None until loaded); only its worker thread calls it."""
         return self._pipe
+
+    def _check_ready(self, closing_first: bool = False) -> None:
+        """Raise NotReadyError unless the model is up and the scheduler open: on entry to
+        `submit`, and again under `_cv` just before queueing (the worker may have stopped since)."""
+        if closing_first and self._closing:
+            raise NotReadyError("the server is shutting down; retry elsewhere")
+        if self._pipe is None or not self._health.ready or self._closing:
+            raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
+
+    @staticmethod
+    def _refuse(handles, message: str) -> None:
+        """Fail requests that never started (queued at a shutdown or a device failure)."""
+        for h in handles:
+            h.emit(RequestFailed(NotReadyError(message)))
+            h.close()
 
     @staticmethod
     def _device_failed_detail(e: BaseException) -> str:

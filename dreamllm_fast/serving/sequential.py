@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import logging
 import math
-import threading
 import time
 from typing import Callable, Optional, Union
 
@@ -27,9 +26,9 @@ from ..devices import device_failed
 from ..diffusion import check_diffusion_args
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
-from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, NotReadyError,
+from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult,
                         QueueFullError, RateMeter, RequestFailed, RequestHandle, SchedulerStats,
-                        StopStrings, TextDelta, WorkerScheduler)
+                        StopStrings, WorkerScheduler, emit_text)
 
 log = logging.getLogger("dreamllm_fast.serving")
 
@@ -48,10 +47,8 @@ class SequentialScheduler(WorkerScheduler):
         self._init_worker(load)
         self.max_queue = max_queue
         self.warmup = warmup
-        self._cv = threading.Condition()
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._running: Optional[RequestHandle] = None
-        self._closing = False
         self._rate = RateMeter()
         self._latency_ema = 1.0  # seconds per request, for Retry-After
         self._max_piece_chars = 64
@@ -66,9 +63,7 @@ class SequentialScheduler(WorkerScheduler):
             self._queue.clear()
             running = self._running
             self._cv.notify_all()
-        for h in pending:
-            h.emit(RequestFailed(NotReadyError("the server is shutting down; retry elsewhere")))
-            h.close()
+        self._refuse(pending, "the server is shutting down; retry elsewhere")
         if running is not None:
             running.cancel()
         if self._thread is not None:
@@ -77,17 +72,13 @@ class SequentialScheduler(WorkerScheduler):
 
     # -- admission ----------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest) -> RequestHandle:
+        self._check_ready()
         pipe = self._pipe
-        if pipe is None or not self._health.ready or self._closing:
-            raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
         request, prompt_tokens = await asyncio.to_thread(self._prepare, pipe, request)
         handle = RequestHandle(request, prompt_tokens)
         handle._on_cancel = self._dequeue
         with self._cv:
-            if self._closing:
-                raise NotReadyError("the server is shutting down; retry elsewhere")
-            if not self._health.ready:  # the worker stopped since the check above
-                raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
+            self._check_ready(closing_first=True)  # the worker may have stopped since
             if len(self._queue) >= self.max_queue:
                 self._counters["rejected"] += 1
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
@@ -152,9 +143,7 @@ class SequentialScheduler(WorkerScheduler):
                 with self._cv:
                     pending = list(self._queue)
                     self._queue.clear()
-                for h in pending:
-                    h.emit(RequestFailed(NotReadyError(f"{why}; retry elsewhere")))
-                    h.close()
+                self._refuse(pending, f"{why}; retry elsewhere")
                 return
 
     def _run(self, pipe, handle: RequestHandle) -> None:
@@ -204,10 +193,7 @@ class SequentialScheduler(WorkerScheduler):
         reason = None
         try:
             for piece in it:
-                out, hit = stop.feed(piece)
-                if out:
-                    handle.emit(TextDelta(i, out))
-                if hit:
+                if emit_text(handle, i, stop, piece):
                     reason = "stop"
                     break
                 if handle.cancelled:
@@ -215,9 +201,7 @@ class SequentialScheduler(WorkerScheduler):
                     break
         finally:
             it.close()  # closes the session: its KV slot is free before the next request
-        tail = stop.flush()
-        if tail:
-            handle.emit(TextDelta(i, tail))
+        emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
     def _run_interleaved(self, pipe, handle, i, g) -> None:
@@ -231,21 +215,14 @@ class SequentialScheduler(WorkerScheduler):
         reason = None
         for item in doc:
             if isinstance(item, str):
-                out, hit = stop.feed(item)
-                if out:
-                    handle.emit(TextDelta(i, out))
-                if hit:
+                if emit_text(handle, i, stop, item):
                     reason = "stop"
                     break
             else:
-                tail = stop.flush()  # a stop string cannot span an image
-                if tail:
-                    handle.emit(TextDelta(i, tail))
+                emit_text(handle, i, stop)  # a stop string cannot span an image
                 handle.emit(ImageResult(i, item))
                 self._counters["images"] += 1
-        tail = stop.flush()
-        if tail:
-            handle.emit(TextDelta(i, tail))
+        emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
     def _run_image(self, pipe, handle, i, g) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .scheduler import StopStrings, TextDelta
+from .scheduler import StopStrings, emit_text
 
 
 class Request:
@@ -76,15 +76,10 @@ class Choice:
 
     def text(self, piece: str) -> bool:
         """Stream a piece through the stop strings; True when one was hit (the choice ends)."""
-        out, hit = self.stop.feed(piece)
-        if out:
-            self.req.handle.emit(TextDelta(self.index, out))
-        return hit
+        return emit_text(self.req.handle, self.index, self.stop, piece)
 
     def flush(self) -> None:
-        tail = self.stop.flush()
-        if tail:
-            self.req.handle.emit(TextDelta(self.index, tail))
+        emit_text(self.req.handle, self.index, self.stop)
 
     def token_ids(self) -> list[int]:
         return self.prior + (list(self.seq.token_ids) if self.seq is not None else [])
