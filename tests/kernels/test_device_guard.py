@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-import dreamllm_fast.kernels as K
+from dreamllm_fast.kernels import dispatch
 
 
 class _OnGpu1:
@@ -30,7 +30,7 @@ def _run(monkeypatch, current: int):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
     monkeypatch.setattr(torch.cuda, "device", device)
     seen = []
-    K._on_device(_OnGpu1(), lambda *a, **k: seen.append((a, k, list(switched))), 1, x=2)
+    dispatch._on_device(_OnGpu1(), lambda *a, **k: seen.append((a, k, list(switched))), 1, x=2)
     return switched, seen
 
 
@@ -43,5 +43,5 @@ def test_no_switch_when_the_devices_agree_or_on_the_cpu(monkeypatch):
     switched, seen = _run(monkeypatch, current=1)
     assert switched == [] and len(seen) == 1
     calls = []
-    K._on_device(torch.zeros(1), lambda: calls.append(1))  # CPU tensor (interpreter mode): no CUDA call
+    dispatch._on_device(torch.zeros(1), lambda: calls.append(1))  # CPU tensor (interpreter mode): no CUDA call
     assert calls == [1]

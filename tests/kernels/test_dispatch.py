@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 import dreamllm_fast.kernels as K  # noqa: E402
+from dreamllm_fast.kernels import dispatch  # noqa: E402
 from dreamllm_fast.kernels import reference as R  # noqa: E402
 from kernel_helpers import TRITON_DEVICE, cast_case, make_attention_case, requires_triton_device  # noqa: E402
 
@@ -24,8 +25,8 @@ def restore_backend():
 def test_public_names_survive_submodule_imports():
     from dreamllm_fast.kernels.rmsnorm import rmsnorm as launcher  # noqa: F401
     from dreamllm_fast.kernels.swiglu import silu_and_mul as launcher2  # noqa: F401
-    assert callable(K.rmsnorm) and K.rmsnorm.__module__ == "dreamllm_fast.kernels"
-    assert K.silu_and_mul.__module__ == "dreamllm_fast.kernels"
+    assert K.rmsnorm is dispatch.rmsnorm and K.rmsnorm.__module__ == "dreamllm_fast.kernels.dispatch"
+    assert K.silu_and_mul is dispatch.silu_and_mul
     for name in K.__all__:
         assert callable(getattr(K, name)), name
 
@@ -35,22 +36,22 @@ def test_backend_env_is_read_at_set_backend(restore_backend, monkeypatch):  # en
     x = torch.randn(3, 64)
     monkeypatch.setenv("DREAMLLM_KERNELS", "ref")
     K.set_backend(None)
-    assert K.backend() == "ref" and not K._use_triton(x)
+    assert K.backend() == "ref" and not dispatch._use_triton(x)
     monkeypatch.setenv("DREAMLLM_KERNELS", "triton")
     assert K.backend() == "ref", "the env must not be re-read per call"
     K.set_backend(None)
-    assert K._use_triton(x)
+    assert dispatch._use_triton(x)
     monkeypatch.setenv("DREAMLLM_KERNELS", "auto")
     K.set_backend(None)
-    assert K._use_triton(x) == x.is_cuda
+    assert dispatch._use_triton(x) == x.is_cuda
     monkeypatch.setenv("DREAMLLM_KERNELS", "bogus")
     with pytest.raises(AssertionError, match="DREAMLLM_KERNELS must be one of"):
         K.set_backend(None)
-    K._backend[0] = None  # what import leaves after a bad value: import works, the first op call says why
+    dispatch._backend[0] = None  # what import leaves after a bad value: import works, the first op call says why
     with pytest.raises(AssertionError, match="got 'bogus'"):
         K.rmsnorm(x, torch.randn(64), 1e-6)
     K.set_backend("ref")
-    assert not K._use_triton(torch.randn(2, device=TRITON_DEVICE or "cpu"))
+    assert not dispatch._use_triton(torch.randn(2, device=TRITON_DEVICE or "cpu"))
     with pytest.raises(AssertionError, match="backend must be one of"):
         K.set_backend("cuda")
 
