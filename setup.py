@@ -24,6 +24,8 @@ setup(
     install_requires=[
         # 2.11 is what the GPU fleet runs; 2.14 is the newest release checked.
         "torch>=2.11,<2.15",
+        # .ci/run tests both ends: the newest release the resolver picks, and 5.0.0 (with the
+        # `kernels` release it pins, >=0.10.2,<0.11).
         "transformers>=5.0,<6",
         "diffusers>=0.30",
         "sentencepiece>=0.2",
@@ -40,6 +42,10 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6",  # property tests (tests/decoding)
+            # The PyPI distribution that owns the top-level name `kernels` (transformers >= 5.25
+            # pulls it in; diffusers imports it through transformers). Installed explicitly so the
+            # tests that keep the checkout's kernels/ folder from shadowing it always have it.
+            "kernels",
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",

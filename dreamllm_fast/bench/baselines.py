@@ -43,6 +43,7 @@ class StaticCacheDecoder:
     def __init__(self, ref_model, ctx: int, tokens: int, compile: bool = True, seed: int = 0):
         from transformers import StaticCache
 
+        from ..reference.model import cache_kwargs
         from .stages import _embeds
 
         self.llm = llm = ref_model.llm
@@ -56,14 +57,15 @@ class StaticCacheDecoder:
         # Neither 5.17 nor 5.23 LLaMA takes cache_position (the layer counts itself); pass it only
         # to a version whose forward names it, so the write position never disagrees with ours.
         self._pass_cache_pos = "cache_position" in inspect.signature(llm.model.forward).parameters
+        self._cache_kw = cache_kwargs(llm, self.cache)  # read off the signature here, not in the graph
         self.step = (torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile
                      else self._step)
         self.logits = None
 
     def _forward(self, x, pos):  # x [1, n, H], pos [1, n]
         kw = {"cache_position": pos[0]} if self._pass_cache_pos else {}
-        return self.llm(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                        logits_to_keep=1, **kw).logits[:, -1].float()  # [1, V]
+        return self.llm(inputs_embeds=x, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **self._cache_kw, **kw).logits[:, -1].float()  # [1, V]
 
     def _step(self, x, pos):
         return self._forward(x, pos)

@@ -12,6 +12,8 @@ This is the oracle of every parity test; it favours plainness over speed.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 
 import torch
@@ -22,6 +24,19 @@ from ..config import SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import InvalidInputError
 from ..sampling import SamplingRows, sample_next
+
+
+@functools.cache
+def _cache_param(forward) -> str:
+    # transformers 5.25 renamed LLaMA's `past_key_values` argument to `cache` (the old name warns and
+    # goes away in 5.40); 5.0-5.24 know only the old one. Read the name off the signature once.
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache) -> dict:
+    """``{name: cache}`` under the name ``module.forward`` takes for its KV cache: ``cache`` from
+    transformers 5.25, ``past_key_values`` before."""
+    return {_cache_param(type(module).forward): cache}
 
 
 class ReferenceModel(EagerDiffusionHead):
@@ -147,6 +162,7 @@ class ReferenceSession:
 
         self.m = model
         self.cache = DynamicCache()
+        self._cache_kw = cache_kwargs(model.llm.model, self.cache)
         self.length = 0
 
     @torch.no_grad()
@@ -154,7 +170,7 @@ class ReferenceSession:
         n = embeds.shape[0]
         pos = torch.arange(self.length, self.length + n, device=self.m.device)[None]
         out = self.m.llm.model(inputs_embeds=embeds[None].to(self.m.dtype), position_ids=pos,
-                               past_key_values=self.cache, use_cache=True)
+                               use_cache=True, **self._cache_kw)
         self.length += n
         return out.last_hidden_state[0]  # after the final RMSNorm
 
@@ -182,5 +198,5 @@ class ReferenceSession:
         self.length = int(length)
 
     def close(self) -> None:
-        self.cache = None
+        self.cache = self._cache_kw = None  # both hold the K/V tensors
         self.m._open.discard(self)
