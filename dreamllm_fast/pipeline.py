@@ -2,24 +2,8 @@
 
 The pipeline owns the request logic (validation, prompt layout, the diffusion loop, image
 feedback); the decode loop (dreamllm_fast/decoding.py) owns token generation; a backend owns the
-model math. Backends expose the same small interface:
-
-    embed_tokens(ids) -> [n, H]            encode_images(pixels) -> [N, P, H]
-    dream_queries [Q, H]                   new_session() -> session
-    unet_eps(sample, t, context) -> eps    vae_decode(latents) -> image in [-1, 1]
-    session.extend(embeds) -> logits [V]   session.extend_dream(embeds, rows) -> condition [Q, C]
-    session.length (positions cached)      session.truncate(length); session.close()
-
-    decode_batch(sessions, token_ids, params, seeds) -> batch    (the decode loop's step)
-        token_ids: each session's previous token (host ints, not yet in its cache);
-        params: SamplingParams per row; seeds: 63-bit Philox keys per row (0 when greedy).
-    batch.launch()          enqueue one step: every row feeds its previous token at position
-                            base + steps and draws the next on the device (never blocks)
-    batch.result() -> ids   host ids of the oldest unread step (waits for that step only)
-    batch.inflight          steps launched and not yet read (at most 2)
-    batch.logits            fp32 [B, V] of the latest launched step (valid until the next launch)
-    batch.close(lengths)    drain, then commit each session's accepted length
-    batch.abort()           after an error: release without committing
+model math, through the protocols of dreamllm_fast/backend.py (`Backend`, `Session`,
+`DecodeBatch`).
 
 ``backend="reference"`` is the transformers + diffusers oracle (dreamllm_fast/reference);
 ``backend="engine"`` the fast engine (dreamllm_fast/engine); dreamllm_fast/stub.py a backend
@@ -70,8 +54,7 @@ class DreamLLMPipeline:
         self.preprocess = ImagePreprocessor(self.config.vision.preprocessor)
         self.progress = progress
         # the context: the model's positions, or less when the engine's cache holds fewer
-        self.max_len = min(self.config.llm.max_position_embeddings,
-                           getattr(model, "max_len", None) or self.config.llm.max_position_embeddings)
+        self.max_len = min(self.config.llm.max_position_embeddings, model.max_len)
         self.run_ahead = True  # the decode loop enqueues step n+1 before reading step n
         self.record_logits = False  # tests: keep every token's logits in last_sequence.logits
         self.last_sequence = None
@@ -207,8 +190,7 @@ class DreamLLMPipeline:
 
     def kv_slots(self) -> tuple[int, Optional[int]]:
         """(used, total) KV-cache slots of the backend; total None: sessions are not bounded."""
-        fn = getattr(self.model, "kv_slots", None)
-        return fn() if fn is not None else (0, None)
+        return self.model.kv_slots()
 
     def _sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,

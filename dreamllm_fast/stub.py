@@ -1,6 +1,6 @@
 """A backend whose model math costs nothing: the pipeline's own host work, measured and tested alone.
 
-`StubModel` implements the backend interface (pipeline.py's docstring) over a scripted "model": every
+`StubModel` implements the backend protocol (dreamllm_fast/backend.py) over a scripted "model": every
 sequence writes the same walk of ordinary word pieces, and, when `dream_every` is set, emits
 `<dream_start>` after every `dream_every` text tokens. Logits are one-hot at the scripted id; the
 dream branch, CLIP, U-Net and VAE return zeros of the right shapes. The decode batch mirrors the
@@ -15,11 +15,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .backend import DecodeBatchBase, HostIds, OneByOnePasses
 from .config import SpecialTokens
 from .errors import InvalidInputError
 
 
-class StubModel:
+class StubModel(OneByOnePasses):
     """Backend stand-in: `script_ids` is the walk (ids the stub writes, in order, forever)."""
 
     name = "stub"
@@ -66,6 +67,10 @@ class StubModel:
         B, _, h, w = latents.shape
         return torch.zeros(B, 3, h * f, w * f, device=latents.device)
 
+    def kv_slots(self) -> tuple[int, None]:
+        """(used, total): the stub holds no cache."""
+        return 0, None
+
     def new_session(self) -> "StubSession":
         return StubSession(self)
 
@@ -103,58 +108,31 @@ class StubSession:
         pass
 
 
-class StubDecodeBatch:
+class StubDecodeBatch(DecodeBatchBase):
     """Each step: every row's next scripted id; one device gather + pinned copy + event on CUDA."""
 
     def __init__(self, model: StubModel, sessions):
-        self.m, self.sessions = model, list(sessions)
-        self.base = [s.length for s in sessions]
-        self.cuda = model.device.type == "cuda"
+        super().__init__(sessions)
+        self.m, self.max_len = model, model.max_len
         self.start = [s.generated for s in sessions]
         self.count = [s.generated for s in sessions]  # CPU: plain ints, so the stub costs ~nothing
-        if self.cuda:
+        if model.device.type == "cuda":
             self.count = torch.tensor(self.count, dtype=torch.int64, device=model.device)
-        if self.cuda:
-            self._host = [torch.empty(len(sessions), dtype=torch.int64, pin_memory=True) for _ in range(2)]
-            self._events = [torch.cuda.Event() for _ in range(2)]
-        else:
-            self._host = [None, None]
-        self.launched = self.read = 0
-        self.logits = None
+        self._ids = HostIds(len(sessions), model.device)
 
-    @property
-    def inflight(self) -> int:
-        return self.launched - self.read
-
-    def launch(self) -> None:
-        if max(self.base) + self.launched >= self.m.max_len:
-            raise InvalidInputError("stub: a decode step would write past the context")
+    def _launch(self, k: int) -> None:
         self.m.launches += 1
-        k = self.launched % 2
-        if self.cuda:
-            ids = self.m.walk_dev[self.count]
+        if self._ids.cuda:
+            self._ids.put(k, self.m.walk_dev[self.count])
             self.count += 1
-            self._host[k].copy_(ids, non_blocking=True)
-            self._events[k].record()
         else:
             walk = self.m.walk
-            self._host[k] = [walk[c] for c in self.count]
+            self._ids.put(k, [walk[c] for c in self.count])
             self.count = [c + 1 for c in self.count]
-        self.launched += 1
 
-    def result(self) -> list[int]:
-        k = self.read % 2
-        self.read += 1
-        if self.cuda:
-            self._events[k].synchronize()
-            return self._host[k].tolist()
-        return self._host[k]
+    def _result(self, k: int) -> list[int]:
+        return self._ids.get(k)
 
-    def close(self, lengths) -> None:
-        self.read = self.launched
-        for s, L, base, g0 in zip(self.sessions, lengths, self.base, self.start):
-            s.generated = g0 + (int(L) - base)  # tokens accepted past the batch's first one
-            s.length = int(L)
-
-    def abort(self) -> None:
-        pass
+    def _commit(self, i: int, session, length: int) -> None:
+        session.generated = self.start[i] + (length - self.base[i])  # tokens accepted past the first
+        session.length = length

@@ -36,6 +36,7 @@ from torch import nn
 from .. import kernels as K
 from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device
 from ..config import EngineConfig, Precision, SpecialTokens
+from ..devices import fill_from_host
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from ..sampling import SamplingParams, sample_next
@@ -117,7 +118,7 @@ class EngineModel(EagerDiffusionHead):
         # static inputs of the decode steps (graph inputs on CUDA, the eager step's on the CPU)
         self.bufs = DecodeBuffers(ec.max_batch, lc.hidden_size, self.cache.scratch_slot, self.device,
                                   self.dtype)
-        self._active_batch: Optional[EngineDecodeBatch] = None
+        self._decoding: Optional[EngineDecodeBatch] = None  # the running batch (start/end_decode)
 
         # -- vision tower + projector ---------------------------------------------------------
         self.clip = build_clip_tower(ckpt, self.device, self.dtype)
@@ -257,12 +258,63 @@ class EngineModel(EagerDiffusionHead):
         """The decode loop's batch over `sessions` (see `EngineDecodeBatch`); one at a time."""
         return EngineDecodeBatch(self, sessions, token_ids, params, seeds)
 
+    # -- the decode batch's side (dreamllm_fast/engine/decode_batch.py) ----------------------------
+    @property
+    def decoding(self) -> Optional[EngineDecodeBatch]:
+        """The decode batch running on this engine, if any (one at a time: it owns the buffers)."""
+        return self._decoding
+
+    @property
+    def decode_capacity(self) -> int:
+        """The most rows one decode batch holds (`EngineConfig.max_batch`)."""
+        return self.bufs.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.embed.shape[0]
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens per packed prefill pass: the largest prefill bucket (512 with no buckets, when any
+        size runs eagerly)."""
+        return self.prefill.chunk or 512
+
+    def start_decode(self, batch: EngineDecodeBatch, token_ids: Sequence[int], lengths: Sequence[int],
+                     slots: Sequence[int], params: Sequence[SamplingParams], seeds: Sequence[int],
+                     mode: str) -> tuple[int, bool]:
+        """Hand the decode buffers to `batch`: copy its rows' host state in once (padding rows step
+        the scratch slot and never advance). Returns (rows each step runs, whether it replays a
+        captured graph)."""
+        if self._decoding is not None:
+            raise EngineBusyError("a decode batch is already running on this engine")
+        b, B = self.bufs, len(token_ids)
+        graph = self.graphs is not None and self.graphs.can_run(B, mode)
+        pad = b.capacity - B
+        fill_from_host(b.ids, [int(t) for t in token_ids] + [0] * pad)
+        fill_from_host(b.step_lens, list(lengths) + [0] * pad)
+        fill_from_host(b.step_slots, list(slots) + [b.scratch_slot] * pad)
+        fill_from_host(b.inc, [1] * B + [0] * pad)
+        b.rows.set(params, seeds)
+        self._decoding = batch
+        return (self.graphs.padded_size(B) if graph else B), graph
+
+    def decode_step(self, B: int, n: int, mode: str, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One self-advancing step of the running batch: (fp32 logits [B, V], drawn ids [B]), both
+        views of static memory valid until the next step."""
+        logits = self.graphs.replay(B, n, mode) if graph else self._step(n, mode)[:B]
+        return logits, self.bufs.ids[:B]
+
+    def end_decode(self, batch: EngineDecodeBatch) -> None:
+        """`batch` lets go of the decode buffers (a no-op if it no longer holds them)."""
+        if self._decoding is batch:
+            self._decoding = None
+
     @contextlib.contextmanager
     def _guard(self, sessions: Sequence["EngineSession"], ns: Sequence[int], rows=None):
         """Checks before any work; on any exception (checks included) releases every session's slot."""
         try:
             for i, (s, n) in enumerate(zip(sessions, ns)):
-                s._check(n)
+                s.check_extend(n)
                 if rows is not None:
                     _check_rows(rows[i], n)
             with torch.no_grad():
@@ -321,11 +373,16 @@ class EngineSession:
         self.slot = slot
         self.length = 0
         self._closed = False
-        self._batch = None  # the running EngineDecodeBatch that owns this session's length, if any
+        self.decoding = None  # the running EngineDecodeBatch that owns this session's length, if any
         # a session dropped without close() still gives its slot back
         self._finalizer = weakref.finalize(self, model._release, slot)
 
-    def _check(self, n: int) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_extend(self, n: int) -> None:
+        """Refuse, before any work, an extend by n positions this session cannot take."""
         if self._closed:
             raise InvalidInputError("this session is closed; open a new one with new_session()")
         if n < 1:
@@ -337,7 +394,7 @@ class EngineSession:
                 "tokens or images")
 
     def _not_decoding(self) -> None:
-        if self._batch is not None:  # its device length runs ahead of self.length until commit
+        if self.decoding is not None:  # its device length runs ahead of self.length until commit
             raise InvalidInputError("this session is in a running decode batch: finish or pause it in "
                                     "the DecodeLoop before extending it")
 

@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..backend import DecodeBatchBase, OneByOnePasses
 from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device, no_meta_left
 from ..config import SpecialTokens
 from ..diffusion import EagerDiffusionHead
@@ -39,7 +40,7 @@ def cache_kwargs(module: nn.Module, cache) -> dict:
     return {_cache_param(type(module).forward): cache}
 
 
-class ReferenceModel(EagerDiffusionHead):
+class ReferenceModel(OneByOnePasses, EagerDiffusionHead):
     """All modules of the model on one device and dtype."""
 
     name = "reference"
@@ -97,6 +98,11 @@ class ReferenceModel(EagerDiffusionHead):
         self._open.add(s)
         return s
 
+    @property
+    def max_len(self) -> int:
+        """Positions a session may hold: the model's (each session grows its own cache)."""
+        return self.config.llm.max_position_embeddings
+
     def kv_slots(self) -> tuple[int, None]:
         """(used, total): sessions open now; total None (each session grows its own cache)."""
         return len(self._open), None
@@ -106,7 +112,7 @@ class ReferenceModel(EagerDiffusionHead):
         return ReferenceDecodeBatch(self, sessions, token_ids, params, seeds)
 
 
-class ReferenceDecodeBatch:
+class ReferenceDecodeBatch(DecodeBatchBase):
     """One plain step per `launch()`: each session extends by its previous token (batch-1
     transformers forwards), then the shared sampler draws every row's next id, exactly as the
     engine's captured step does. `close(lengths)` crops each cache to the accepted length, so a
@@ -117,41 +123,27 @@ class ReferenceDecodeBatch:
             raise InvalidInputError("decode_batch needs one token id, sampling setting and seed per session")
         if len({id(s) for s in sessions}) != len(sessions) or any(s.cache is None for s in sessions):
             raise InvalidInputError("decode_batch needs distinct open sessions")
-        self.m, self.sessions = model, list(sessions)
+        super().__init__(sessions)
+        self.m = model
         self.ids = [int(t) for t in token_ids]
         self.rows = SamplingRows.of(params, seeds, model.device)
         self.greedy = not any(p.do_sample for p in params)
-        self.base = [s.length for s in sessions]
-        self.launched = self.read = 0
         self._results: list[list[int]] = []
-        self.logits = None
-
-    @property
-    def inflight(self) -> int:
-        return self.launched - self.read
 
     @torch.no_grad()
-    def launch(self) -> None:
+    def _launch(self, k: int) -> None:
         logits = torch.stack([s.extend(self.m.embed_tokens([t])) for s, t in zip(self.sessions, self.ids)])
         pos = torch.tensor([s.length for s in self.sessions], dtype=torch.int64, device=logits.device)
         self.ids = sample_next(logits, self.rows, pos, greedy_only=self.greedy).tolist()
         self._results.append(self.ids)
         self.logits = logits
-        self.launched += 1
 
-    def result(self) -> list[int]:
-        self.read += 1
+    def _result(self, k: int) -> list[int]:
         return self._results.pop(0)
 
-    def close(self, lengths) -> None:
-        self.read = self.launched
-        for s, L in zip(self.sessions, lengths):
-            if s.cache is not None:
-                s.truncate(int(L))
-
-    def abort(self) -> None:
-        pass
-
+    def _commit(self, i: int, session, length: int) -> None:
+        if session.cache is not None:
+            session.truncate(length)
 
 
 class ReferenceSession:

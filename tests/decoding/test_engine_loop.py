@@ -153,7 +153,7 @@ def test_graph_runner_on_the_cpu_with_a_stand_in_backend(parts):
         padded = 0
         while not all(q.finished for q in seqs):
             loop.step()
-            b = eng._active_batch
+            b = eng.decoding
             if eng.graphs is not None and b is not None:
                 assert b.graph and b.n == runner.padded_size(b.B)
                 padded += b.n > b.B
@@ -268,7 +268,7 @@ def test_errors_and_misuse_leave_the_engine_usable(parts):
             eng.decode_batch([s2], [5], [GREEDY], [0])
         with pytest.raises(InvalidInputError, match="running decode batch"):
             s1.extend(_prompt(eng, 2))  # its device length runs ahead of its host length
-        assert not s1._closed, "a refused extend must not release a session the batch still steps"
+        assert not s1.closed, "a refused extend must not release a session the batch still steps"
         b.close([s1.length])
         with pytest.raises(InvalidInputError, match="distinct"):
             eng.decode_batch([s1, s1], [5, 5], [GREEDY] * 2, [0, 0])
@@ -286,7 +286,7 @@ def test_errors_and_misuse_leave_the_engine_usable(parts):
             for _ in range(3):
                 loop.step()
         eng._step = orig
-        assert eng._active_batch is None, "a failed step must let go of the engine"
+        assert eng.decoding is None, "a failed step must let go of the engine"
     finally:
         s1.close()
         s2.close()
@@ -312,7 +312,7 @@ def test_abort_after_a_sticky_cuda_error_still_frees_the_engine(parts, monkeypat
         with pytest.raises(RuntimeError, match="illegal memory access"):
             batch.abort()
         monkeypatch.undo()
-        assert eng._active_batch is None and s._batch is None
+        assert eng.decoding is None and s.decoding is None
         eng.decode_batch([s], [5], [GREEDY], [0]).abort()  # a new batch is accepted
     finally:
         s.close()

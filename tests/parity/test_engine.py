@@ -338,7 +338,7 @@ def test_context_overflow_raises_before_work_and_releases_slot(pipes):
     with pytest.raises(ContextOverflowError):
         s.extend(torch.randn(m.max_len - 5, H))
     assert torch.equal(m.cache.k[0], k_before), "an overflowing request must do no work"
-    assert s.length == 0 and s._closed
+    assert s.length == 0 and s.closed
     assert sorted(m._free) == list(range(m.engine_config.max_batch)), "slot not released"
     # a failure inside the forward (wrong width) also releases the slot; the engine stays usable
     s = m.new_session()
