@@ -137,7 +137,10 @@ def side_by_side(rows: list[dict]) -> str:
     rows = [r for r in rows if "ms" in r and r.get("stage") in STAGES]
     if not rows:
         return ""
-    labels = list(dict.fromkeys(_label(r) for r in sorted(rows, key=lambda r: _label(r) != "engine")))
+    first = list(dict.fromkeys(_label(r) for r in rows))
+    order = ("engine", "engine_eager", "compile_static", "reference", "eager")
+    labels = sorted(first, key=lambda lab: (order.index(lab.split("[")[0]) if lab.split("[")[0] in order
+                                            else len(order), lab != lab.split("[")[0], first.index(lab)))
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["stage"], r.get("context")), {})[_label(r)] = r
@@ -156,8 +159,8 @@ def side_by_side(rows: list[dict]) -> str:
         else:
             cands = [lab for lab in by if lab.split("[")[0] == "engine"]
         bases = ["eager"] if diffusion else [b for b in by if b not in cands]
-        sp = [f"{c} {by[b]['ms'] / by[c]['ms']:.3g}x {b}" for c in cands for b in bases
-              if b in by and b != c and by[c]["ms"] > 0]
+        sp = [f"{c} {by[b]['ms'] / by[c]['ms']:.3g}x {b}" for c in labels if c in cands
+              for b in labels if b in bases and b in by and b != c and by[c]["ms"] > 0]
         lines.append(f"| {stage} | {_fmt(ctx)} | {_fmt(floor)} | " + " | ".join(cells)
                      + f" | {'; '.join(sp)} |")
     return "\n".join(lines)
@@ -186,7 +189,7 @@ def gpu_report_summary(report: dict, kernels: Optional[dict] = None) -> str:
 
     env, ceil, meta = report["env"], report.get("ceilings") or {}, report["meta"]
     g = meta.get("gpu_report") or {}
-    lines = [f"Device: **{env.get('gpu')}**, driver {env.get('driver')}, torch {env.get('torch')}, "
+    lines = [f"Device: **{env.get('gpu') or 'CPU (smoke run, not a performance claim)'}**, driver {env.get('driver')}, torch {env.get('torch')}, "
              f"triton {env.get('triton')}, transformers {env.get('transformers')}, diffusers "
              f"{env.get('diffusers')}, git {(env.get('git_sha') or '')[:12]}, {env.get('date')}; "
              f"{meta.get('dtype')}, preset {meta.get('preset')}. Ceilings measured in the same run: "
