@@ -124,6 +124,98 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(r: dict) -> str:
+    """A row's provider, with its weight format when it is not the default bf16 (int8, fp8)."""
+    w = r.get("weights")
+    return r["provider"] + (f"[{w}]" if w and w != "bf16" else "")
+
+
+def side_by_side(rows: list[dict]) -> str:
+    """One line per (stage, context): its floor, every provider's time with its fraction of the
+    floor, and the candidates' speedups over each baseline (the engine over reference,
+    compile_static and engine_eager; on the U-Net/VAE every backend over eager)."""
+    rows = [r for r in rows if "ms" in r and r.get("stage") in STAGES]
+    if not rows:
+        return ""
+    first = list(dict.fromkeys(_label(r) for r in rows))
+    order = ("engine", "engine_eager", "compile_static", "reference", "eager")
+    labels = sorted(first, key=lambda lab: (order.index(lab.split("[")[0]) if lab.split("[")[0] in order
+                                            else len(order), lab != lab.split("[")[0], first.index(lab)))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r.get("context")), {})[_label(r)] = r
+    lines = ["| stage | context | floor ms | " + " | ".join(labels) + " | speedup |",
+             "|" + "---|" * (len(labels) + 4)]
+    for (stage, ctx), by in groups.items():
+        floor = next((r["floor_ms"] for r in by.values() if r.get("floor_ms")), None)
+        cells = []
+        for lab in labels:
+            r = by.get(lab)
+            cells.append("" if r is None else f"{r['ms']:.4g}"
+                         + (f" ({r['frac_of_floor']:.2f} of floor)" if r.get("frac_of_floor") else ""))
+        diffusion = stage in DIFFUSION_STAGES
+        if diffusion:
+            cands = [lab for lab in by if lab != "eager"]
+        else:
+            cands = [lab for lab in by if lab.split("[")[0] == "engine"]
+        bases = ["eager"] if diffusion else [b for b in by if b not in cands]
+        sp = [f"{c} {by[b]['ms'] / by[c]['ms']:.3g}x {b}" for c in labels if c in cands
+              for b in labels if b in bases and b in by and b != c and by[c]["ms"] > 0]
+        lines.append(f"| {stage} | {_fmt(ctx)} | {_fmt(floor)} | " + " | ".join(cells)
+                     + f" | {'; '.join(sp)} |")
+    return "\n".join(lines)
+
+
+def serve_table(rows: list[dict]) -> str:
+    """The serve phase's rows (stage "serve"): aggregate tokens/s and TTFT per concurrency."""
+    rows = [r for r in rows if r.get("stage") == "serve" and "tokens_per_s" in r]
+    if not rows:
+        return ""
+    one = next((r for r in rows if r.get("concurrency") == 1), None)
+    lines = ["| concurrent requests | tokens each | aggregate tok/s | vs 1 request | TTFT p50 ms | "
+             "TTFT p99 ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.3g}x" if one and one["tokens_per_s"] else ""
+        lines.append(f"| {r['concurrency']} | {_fmt(r.get('max_tokens'))} | {r['tokens_per_s']:.4g} | "
+                     f"{ratio} | {_fmt(r.get('ttft_p50_ms'))} | {_fmt(r.get('ttft_p99_ms'))} |")
+    return "\n".join(lines)
+
+
+def gpu_report_summary(report: dict, kernels: Optional[dict] = None) -> str:
+    """The README's view of one GPU report: the environment, each stage with the engine beside
+    every baseline and its fraction of the floor, serving, the GPU tests, what was skipped or
+    failed, and every target of bench/targets.py as met / missed / not run."""
+    from . import targets
+
+    env, ceil, meta = report["env"], report.get("ceilings") or {}, report["meta"]
+    g = meta.get("gpu_report") or {}
+    lines = [f"Device: **{env.get('gpu') or 'CPU (smoke run, not a performance claim)'}**, driver {env.get('driver')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, transformers {env.get('transformers')}, diffusers "
+             f"{env.get('diffusers')}, git {(env.get('git_sha') or '')[:12]}, {env.get('date')}; "
+             f"{meta.get('dtype')}, preset {meta.get('preset')}. Ceilings measured in the same run: "
+             + (", ".join(f"{k} {v:.4g}" for k, v in ceil.items()) or "none") + "."]
+    if g.get("phases"):
+        lines += ["", "Phases: " + ", ".join(f"{p['name']} {p['status']}"
+                                             + (f" ({p['duration_s']:.0f} s)" if p.get("duration_s") else "")
+                                             for p in g["phases"])
+                  + (f"; the run took {g['elapsed_s']:.0f} s." if "elapsed_s" in g else ".")]
+    for title, body in (("Each stage, every provider in ms (fraction of the floor)", side_by_side(report["rows"])),
+                        ("Serving (batched scheduler in process)", serve_table(report["rows"]))):
+        if body:
+            lines += ["", f"{title}:", "", body]
+    if g.get("tests"):
+        t = g["tests"]
+        lines += ["", "GPU tests: " + ", ".join(f"{n} {k}" for k, n in sorted(t.items())) + " (tests.json "
+                  "holds each test's measured drift)."]
+    bad = [r for r in report["rows"] if "error" in r or "skipped" in r]
+    if bad:
+        lines += ["", "Not measured: " + "; ".join(
+            f"{r['stage']}/{r['provider']}" + (f"@{r['context']}" if r.get("context") else "") + ": "
+            + (r.get("error") or f"skipped: {r['skipped']}")[:160] for r in bad)]
+    lines += ["", "Targets:", "", targets.markdown({"report": report, "kernels": kernels or {}})]
+    return "\n".join(lines) + "\n"
+
+
 def draw_chart(report: dict, path: Path) -> Optional[Path]:
     """A bar chart of each stage's time per provider (log scale); skipped without matplotlib."""
     try:
@@ -195,8 +287,12 @@ def readme_section(root: Path) -> str:
                 "`dreamllm-fast bench` on an NVIDIA GPU, commit `benchmarks/results/<gpu>/<date>/`, "
                 "then `python -m dreamllm_fast.bench.report --readme`.")
     else:
-        body = (f"Generated from `{p.relative_to(root).as_posix()}` (its folder holds the evidence "
-                "files beside it):\n\n" + markdown(json.loads(p.read_text())))
+        rep = json.loads(p.read_text())
+        kpath = p.parent / "kernels.json"
+        kernels = json.loads(kpath.read_text()) if kpath.is_file() else None
+        rel = p.parent.relative_to(root).as_posix()
+        text = gpu_report_summary(rep, kernels) + f"\nEvery row: `{rel}/report.md`."
+        body = f"Generated from `{rel}/report.json` (its folder holds the evidence files beside it):\n\n" + text
     return f"{README_START}\n{body.strip()}\n{README_END}"
 
 

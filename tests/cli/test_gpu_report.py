@@ -1,6 +1,8 @@
-"""`python -m benchmarks.gpu_report` on the CPU: phase orchestration with tiny fake phases
-(timeouts, failures, budget), a flat output folder of at most 8 files, the per-test recorder,
-merging, and publishing into benchmarks/results with the README regenerated."""
+"""`python -m benchmarks.gpu_report` on the CPU: the one-call plan (order, budgets, skips, the
+flat folder of at most 8 files, the exit status), the fail-fast wheel check, the collectors that
+turn each phase's output into report.json, the per-test recorder, and publishing one folder into
+benchmarks/results with the README regenerated. Fake phases are tiny `python -c` children; the
+real smoke run (`--smoke`) runs the env and kernels phases for real on the tiny shapes."""
 import argparse
 import json
 import os
@@ -14,22 +16,23 @@ from benchmarks import gpu_report as G
 from dreamllm_fast.bench.harness import REPO
 from dreamllm_fast.bench.report import README_END, README_START
 
-ARGS = argparse.Namespace(test_timeout=60, kernels_full=False, diffusion_backends=["eager"], autotune=False)
+ARGS = argparse.Namespace(test_timeout=60, smoke=True, named_extras=False)
 
 
 def _py(code):
     return [sys.executable, "-c", code]
 
 
-def _phase(name, timeout, *codes, collect=lambda ctx: None, log="gpu_report.log"):
-    return G.Phase(name, timeout, lambda ctx: [_py(c.format(out=ctx.out, work=ctx.work)) for c in codes],
-                   collect, log)
+def _phase(name, budget, *codes, min_s=0, collect=lambda ctx: None, log="gpu_report.log", extra=False):
+    return G.Phase(name, budget, min_s, "fake", lambda ctx: [_py(c.format(out=ctx.out, work=ctx.work)) for c in codes],
+                   collect, log, extra)
 
 
 def _flat_and_few(out):
     entries = list(out.iterdir())
     assert all(p.is_file() for p in entries), "the output folder must be flat"
-    assert len(entries) <= 8 and {p.name for p in entries} <= set(G.OUT_FILES), sorted(p.name for p in entries)
+    assert len(entries) <= G.MAX_FILES == 8 and {p.name for p in entries} <= set(G.OUT_FILES), \
+        sorted(p.name for p in entries)
 
 
 def test_phases_run_in_order_time_out_fail_and_the_run_goes_on(tmp_path):
@@ -41,14 +44,14 @@ def test_phases_run_in_order_time_out_fail_and_the_run_goes_on(tmp_path):
                "import time; print('hanging', flush=True); time.sleep(60)", "print('never runs')",
                collect=lambda ctx: collected.append("tests"), log="tests.log"),
         _phase("kernels", 30, "import sys; sys.exit(3)", collect=lambda ctx: collected.append("kernels")),
-        _phase("e2e", 30, "open(r'{work}/e2e.txt', 'w').write('x')"),
+        _phase("core", 30, "open(r'{work}/core.txt', 'w').write('x')"),
     ]
     t0 = time.monotonic()
     recs = G.run_phases(phases, out, work, ARGS, budget_s=120)
     assert time.monotonic() - t0 < 60
     st = {r["name"]: r for r in recs}
-    assert [r["name"] for r in recs] == ["env", "tests", "kernels", "e2e"]
-    assert st["env"]["status"] == "ok" and st["e2e"]["status"] == "ok"
+    assert [r["name"] for r in recs] == ["env", "tests", "kernels", "core"]
+    assert st["env"]["status"] == "ok" and st["core"]["status"] == "ok"
     assert st["tests"]["status"] == "timeout"
     assert [s["status"] for s in st["tests"]["steps"]] == ["ok", "timeout", "skipped"]
     assert st["kernels"]["status"] == "failed" and st["kernels"]["steps"][0]["rc"] == 3
@@ -57,30 +60,104 @@ def test_phases_run_in_order_time_out_fail_and_the_run_goes_on(tmp_path):
     log = (out / "tests.log").read_text()
     assert "first group ran" in log and "hanging" in log and "never runs" not in log
     assert "phase kernels: failed" in (out / "gpu_report.log").read_text()
-    assert (work / "e2e.txt").is_file() and not (out / "e2e.txt").exists()
+    assert (work / "core.txt").is_file() and not (out / "core.txt").exists()
+    g = json.loads((out / "report.json").read_text())["meta"]["gpu_report"]  # kept after every phase
+    assert [p["status"] for p in g["phases"]] == ["ok", "timeout", "failed", "ok"] and g["elapsed_s"] < 60
+    assert G.exit_status(recs, named=False) == 1
     _flat_and_few(out)
 
 
-def test_the_budget_bounds_the_run_and_skips_later_phases(tmp_path, monkeypatch):
+def test_a_phase_that_does_not_fit_the_budget_left_is_skipped_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "MAX_FILE_BYTES", 4096)
     out = tmp_path / "out"
-    phases = [_phase("env", 30, "print('x' * 20000, flush=True); import time; time.sleep(60)"),
-              _phase("tests", 30, "print(1)")]
+    phases = [_phase("env", 3, "print('x' * 20000, flush=True); import time; time.sleep(60)"),  # its 3 s
+              _phase("core", 30, "print(1)", min_s=5),  # needs 5 s, ~5 s left
+              _phase("kernels", 30, "print(1)"),  # min 0: runs in what is left
+              _phase("compile", 8, "print(1)", extra=True, min_s=1),  # extra: needs its whole budget
+              _phase("diffusion", 30, "print(1)", min_s=30)]
     t0 = time.monotonic()
-    recs = G.run_phases(phases, out, tmp_path / "w", ARGS, budget_s=3)
+    recs = G.run_phases(phases, out, tmp_path / "w", ARGS, budget_s=8)
     assert time.monotonic() - t0 < 30
-    assert recs[0]["status"] == "timeout" and recs[1]["status"] == "skipped"
-    assert "budget of 3 s spent" in recs[1]["reason"]
+    assert [r["status"] for r in recs] == ["timeout", "skipped", "ok", "skipped", "skipped"]
+    assert "the phase needs 5 s" in recs[1]["reason"] and "of the 8 s budget" in recs[1]["reason"]
     log = (out / "gpu_report.log").read_bytes()
     assert len(log) <= 4096 and log.startswith(b"[truncated by gpu_report")  # fits what comes back
+    # an extra phase runs in leftover time when its whole budget is left
+    recs = G.run_phases([_phase("env", 5, "print(1)"), _phase("compile", 5, "print(1)", extra=True)],
+                        tmp_path / "o2", tmp_path / "w", ARGS, budget_s=60)
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+
+
+def test_the_out_folder_keeps_only_the_report_files(tmp_path):
+    out = tmp_path / "out"
+    recs = G.run_phases([_phase("env", 30, "open(r'{out}/stray.json', 'w').write('x'); "
+                                           "open(r'{out}/tests.json', 'w').write('{{}}')")],
+                        out, tmp_path / "w", ARGS, budget_s=60)
+    assert recs[0]["status"] == "ok" and not (out / "stray.json").exists()
+    assert "removed stray.json" in (out / "gpu_report.log").read_text()
+    _flat_and_few(out)
+
+
+def test_cap_keeps_the_tail_of_an_oversized_file(tmp_path):
+    (tmp_path / "gpu_report.log").write_text("head\n" + "x" * 5000 + "\nthe end\n")
+    G._cap_files(tmp_path, limit=1000)
+    text = (tmp_path / "gpu_report.log").read_text()
+    assert len(text) <= 1000 and text.endswith("the end\n") and "head\n" not in text
+
+
+def test_the_plan_fits_480_s_in_order_of_value(capsys):
+    default = [p for p in G.PHASES.values() if not p.extra]
+    assert [p.name for p in default] == ["env", "core", "tests", "serve", "diffusion", "kernels"]
+    assert G.planned_total() == sum(p.budget_s for p in default) <= G.BUDGET_S == 480
+    assert all(p.min_s <= p.budget_s for p in G.PHASES.values())
+    assert len(G.OUT_FILES) <= G.MAX_FILES
+    assert G.main(["--plan"]) == 0
+    text = capsys.readouterr().out
+    assert f"planned total {G.planned_total():g} s of the 480 s budget (fits)" in text
+    assert G.INSTALL in text and "pydantic==" in text and "diffusers==" in text
+    assert all(text.index(a) < text.index(b) for a, b in zip(("env ", "core ", "tests ", "serve "),
+                                                              ("core ", "tests ", "serve ", "diffusion ")))
+    assert G.main(["--plan", "--budget-s", "300"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_every_test_path_of_the_tests_phase_exists():
+    for _, args in G.TEST_GROUPS:
+        for a in args:
+            if a.startswith("tests"):
+                assert (REPO / a).exists(), f"{a} is gone: update gpu_report.TEST_GROUPS"
+
+
+def test_a_variant_is_one_line_in_the_table(monkeypatch):
+    """The int8 engine (or any bench variant) joins the report as one Variant line."""
+    monkeypatch.setattr(G, "VARIANTS", G.VARIANTS + (G.Variant("core_int8", 45, 30, ("decode",),
+                                                                ("--weights", "int8")),))
+    phases = G._phases()
+    ctx = G.Ctx(out=REPO / "o", work=REPO / "w", args=argparse.Namespace(smoke=False), allowance_s=45)
+    (argv,) = phases["core_int8"].steps(ctx)
+    assert argv[argv.index("--stages") + 1:] == ["decode", "--weights", "int8"]
+    assert argv[argv.index("--budget-s") + 1] == "25"  # the bench stops starting stages in time
+    (argv,) = phases["core"].steps(ctx)
+    assert "--no-compile-baseline" in argv and "reference" in argv and "engine_eager" in argv
+
+
+def test_a_missing_wheel_stops_the_run_before_any_phase(tmp_path, monkeypatch, capsys):
+    real = G.importlib.util.find_spec
+    monkeypatch.setattr(G.importlib.util, "find_spec", lambda m, *a: None if m == "pydantic" else real(m, *a))
+    ran = []
+    monkeypatch.setattr(G, "run_phases", lambda *a, **k: ran.append(1) or [])
+    assert G.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "missing package(s) pydantic==2.14.4" in err and G.INSTALL in err
+    assert not ran and not (tmp_path / "out").exists()
 
 
 def test_phase_selection_and_bad_names(tmp_path, monkeypatch, capsys):
     ran = []
     monkeypatch.setattr(G, "run_phases", lambda phases, out, work, args, budget: ran.extend(
         p.name for p in phases) or [])
-    assert G.main(["--out", str(tmp_path), "--phases", "e2e", "env"]) == 0
-    assert ran == ["env", "e2e"]  # always the canonical order
+    assert G.main(["--out", str(tmp_path), "--phases", "serve", "env"]) == 0
+    assert ran == ["env", "serve"]  # always the canonical order
     with pytest.raises(SystemExit) as e:
         G.main(["--out", str(tmp_path), "--phases", "benchmarks"])
     assert e.value.code == 2 and "invalid choice: 'benchmarks'" in capsys.readouterr().err
@@ -89,23 +166,103 @@ def test_phase_selection_and_bad_names(tmp_path, monkeypatch, capsys):
     assert "--out DIR is required" in capsys.readouterr().err
 
 
-def test_real_phase_commands_fit_the_session_limits():
-    assert sum(p.timeout_s for p in G.PHASES.values()) <= G.BUDGET_S == 900
-    # the two documented calls each fit in a 10-minute command with room to install wheels
-    assert sum(G.PHASES[p].timeout_s for p in ("env", "tests", "kernels")) <= 540
-    assert sum(G.PHASES[p].timeout_s for p in ("env", "e2e", "diffusion")) <= 540
-    assert len(G.OUT_FILES) <= 8
-    ctx = G.Ctx(out=REPO / "o", work=REPO / "w", args=ARGS, allowance_s=300)
-    (argv,) = G.PHASES["e2e"].steps(ctx)
-    assert argv[argv.index("--budget-s") + 1] == "270"  # the bench stops starting stages in time
-    assert all("--record-json" in " ".join(a) for a in G.PHASES["tests"].steps(ctx))
+def _run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_cap_keeps_the_tail_of_an_oversized_file(tmp_path):
-    (tmp_path / "gpu_report.log").write_text("head\n" + "x" * 5000 + "\nthe end\n")
-    G._cap_files(tmp_path, limit=1000)
-    text = (tmp_path / "gpu_report.log").read_text()
-    assert len(text) <= 1000 and text.endswith("the end\n") and "head\n" not in text
+def test_cpu_smoke_run_of_the_real_cli(tmp_path):
+    """The real command on the CPU: env and kernels phases run for real (tiny, interpreter), files
+    land in --out as they finish, exit 0; with too little budget every phase is skipped, exit 1."""
+    out = tmp_path / "out"
+    r = _run_cli("--smoke", "--phases", "env", "kernels", "--out", str(out), "--work", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    _flat_and_few(out)
+    assert {"env.json", "kernels.json", "report.json", "report.md", "phases.json", "gpu_report.log"} <= \
+        {p.name for p in out.iterdir()}
+    phases = json.loads((out / "phases.json").read_text())
+    assert [(p["name"], p["status"]) for p in phases] == [("env", "ok"), ("kernels", "ok")]
+    assert json.loads((out / "env.json").read_text())["ceilings"]["copy_gbps"] > 0
+    assert "dream_projection" in json.loads((out / "kernels.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["env"]["torch"] and [p["name"] for p in rep["meta"]["gpu_report"]["phases"]] == ["env", "kernels"]
+    assert "smoke run, not a performance claim" in (out / "report.md").read_text()
+    out2 = tmp_path / "out2"
+    r = _run_cli("--smoke", "--phases", "env", "core", "--budget-s", "5", "--out", str(out2))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [p["status"] for p in json.loads((out2 / "phases.json").read_text())] == ["skipped", "skipped"]
+    assert "phase core: skipped (" in (out2 / "gpu_report.log").read_text()
+
+
+# ------------------------------------------------------------------------------- collectors
+def _bench_report(rows, stages, gpu="NVIDIA H200"):
+    return {"env": {"gpu": gpu, "date": "2026-12-01T10:00:00+00:00", "git_sha": "abcdef0123456",
+                    "torch": "2.11.0"},
+            "ceilings": {"copy_gbps": 4300.0, "bf16_gemm_tflops": 780.0},
+            "meta": {"dtype": "bfloat16", "preset": "dreamllm-7b", "status": "complete", "skipped": [],
+                     "settings": {"stages": list(stages)}},
+            "rows": rows}
+
+
+# Synthetic figures for the plumbing: never results (a CPU test can measure no GPU).
+CORE_ROWS = [
+    {"stage": "prefill", "provider": "engine", "ms": 20.0, "floor_ms": 13.0, "frac_of_floor": 0.65},
+    {"stage": "prefill", "provider": "reference", "ms": 40.0, "floor_ms": 13.0, "frac_of_floor": 0.325},
+    {"stage": "decode", "provider": "engine", "context": 128, "ms": 100.0, "floor_ms": 95.0, "frac_of_floor": 0.95},
+    {"stage": "decode", "provider": "engine_eager", "context": 128, "ms": 400.0},
+    {"stage": "decode", "provider": "reference", "context": 128, "ms": 700.0},
+    {"stage": "decode", "provider": "engine", "context": 1024, "ms": 110.0, "floor_ms": 96.0, "frac_of_floor": 0.87},
+    {"stage": "decode", "provider": "reference", "context": 1024, "ms": 1100.0},
+]
+
+
+def _ctx(tmp_path, smoke=False):
+    ctx = G.Ctx(out=tmp_path / "out", work=tmp_path / "work", args=argparse.Namespace(smoke=smoke))
+    ctx.out.mkdir(parents=True)
+    ctx.work.mkdir(parents=True)
+    return ctx
+
+
+def test_collectors_merge_each_phase_into_one_report(tmp_path):
+    ctx = _ctx(tmp_path)
+    core = G.PHASES["core"]
+    (ctx.work / "core").mkdir()
+    (ctx.work / "core" / "report.json").write_text(json.dumps(_bench_report(CORE_ROWS, G.VARIANTS[0].stages)))
+    core.collect(ctx)
+    core.collect(ctx)  # a re-run replaces its rows, never doubles them
+    (ctx.work / "compile").mkdir()
+    (ctx.work / "compile" / "report.json").write_text(json.dumps(_bench_report(
+        [{"stage": "decode", "provider": "reference", "context": 128, "ms": 650.0},
+         {"stage": "decode", "provider": "compile_static", "context": 128, "ms": 130.0}], ["decode"])))
+    G.PHASES["compile"].collect(ctx)  # keeps only the compile_static rows
+    (ctx.work / "serve.json").write_text(json.dumps(
+        [{"stage": "serve", "provider": "batched", "concurrency": n, "max_tokens": 128, "tokens_per_s": tps,
+          "ttft_p50_ms": ttft} for n, tps, ttft in ((1, 100.0, 20.0), (4, 390.0, 25.0), (16, 1300.0, 45.0))]))
+    G.PHASES["serve"].collect(ctx)
+    (ctx.work / "tests_parity.json").write_text(json.dumps(
+        {"finished": True, "exitstatus": 1, "tests": [{"nodeid": "a", "outcome": "passed"},
+                                                       {"nodeid": "b", "outcome": "failed"}]}))
+    G.PHASES["tests"].collect(ctx)
+    rep = json.loads((ctx.out / "report.json").read_text())
+    assert [r["phase"] for r in rep["rows"]].count("core") == len(CORE_ROWS)
+    assert [r["provider"] for r in rep["rows"] if r["phase"] == "compile"] == ["compile_static"]
+    assert len([r for r in rep["rows"] if r["stage"] == "serve"]) == 3
+    assert rep["env"]["gpu"] == "NVIDIA H200" and rep["meta"]["gpu_report"]["tests"] == {"passed": 1, "failed": 1}
+    tests = json.loads((ctx.out / "tests.json").read_text())
+    assert [g["ran"] for g in tests["groups"]] == [True, False]  # the kernels group never ran
+    md = (ctx.out / "report.md").read_text()
+    assert "| decode | 128 | 95 | 100 (0.95 of floor) |" in md
+    assert "| decode | 128 | 95 | 100 (0.95 of floor) | 400 | 130 | 700 | engine 4x engine_eager; " \
+        "engine 1.3x compile_static; engine 7x reference |" in md
+    assert "| 16 | 128 | 1300 | 13x | 45 |" in md
+    assert "| decode >= 1.2x torch.compile + static cache (compile_static) | 1.3 (worst at context 128) | met |" in md
+    assert "| decode >= 0.90 of its floor" in md and "0.87 (worst at context 1024) | missed |" in md
+    assert "GPU tests: 1 failed, 1 passed" in md
+    # a phase that wrote nothing says so in the report
+    ctx2 = _ctx(tmp_path / "b")
+    G.PHASES["serve"].collect(ctx2)
+    assert "the serve phase wrote no rows" in (ctx2.out / "report.md").read_text()
 
 
 def test_recorder_plugin_keeps_outcomes_drift_and_stdout(tmp_path):
@@ -133,52 +290,32 @@ def test_recorder_plugin_keeps_outcomes_drift_and_stdout(tmp_path):
     assert "exceeded --record-timeout 2 s" in by["test_slow"]["message"] and by["test_slow"]["duration_s"] < 20
 
 
-def _h100_report():
-    return json.loads((REPO / "benchmarks/results/NVIDIA_H100_80GB_HBM3/2026-11-23_17f6485/report.json").read_text())
-
-
-def test_diffusion_rows_merge_into_the_e2e_report(tmp_path):
-    e2e = _h100_report()
-    G._merge_report(tmp_path, e2e)
-    diff = {"env": e2e["env"], "ceilings": e2e["ceilings"],
-            "meta": {**e2e["meta"], "settings": {"stages": ["unet", "vae"]}, "skipped": []},
-            "rows": [{"stage": "unet", "provider": "eager", "ms": 30.0},
-                     {"stage": "unet", "provider": "compiled", "ms": 20.0, "compile_s": 41.0, "isolated": True},
-                     {"stage": "vae", "provider": "eager", "ms": 21.0}]}
-    G._merge_report(tmp_path, diff)
-    G._merge_report(tmp_path, diff)  # a re-run replaces its stages' rows, never doubles them
-    rep = json.loads((tmp_path / "report.json").read_text())
-    assert [r["provider"] for r in rep["rows"] if r["stage"] == "unet"] == ["eager", "compiled"]
-    assert not any(r["stage"] == "vae" and r["ms"] > 22 for r in rep["rows"])  # the H100 vae row was replaced
-    assert rep["meta"]["settings"]["stages"][-1] == "unet" and rep["rows"][0]["stage"] == "prefill"
-    md = (tmp_path / "report.md").read_text()
-    assert "| unet |  | compiled | eager | 1.5x |" in md and "compile 41 s, child process" in md
-
-
-def test_publish_merges_two_calls_into_results_and_regenerates_the_readme(tmp_path):
+# ------------------------------------------------------------------------------- publish
+def test_publish_one_folder_into_results_and_regenerate_the_readme(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
     (root / "README.md").write_text(f"# x\n\n{README_START}\nSTALE-PLACEHOLDER\n{README_END}\n")
-    call1, call2 = tmp_path / "c1", tmp_path / "c2"
-    call1.mkdir(), call2.mkdir()
-    env = {"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00", "git_sha": "abcdef0123456"}
-    (call1 / "env.json").write_text(json.dumps(env))
-    (call1 / "tests.json").write_text("{}")
-    (call1 / "phases.json").write_text(json.dumps([{"name": "tests", "status": "ok"}]))
-    (call1 / "gpu_report.log").write_text("call one\n")
-    rep = _h100_report()
-    rep["env"].update(env)
-    (call2 / "env.json").write_text(json.dumps(env))
-    (call2 / "report.json").write_text(json.dumps(rep))
-    (call2 / "phases.json").write_text(json.dumps([{"name": "e2e", "status": "ok"}]))
-    (call2 / "gpu_report.log").write_text("call two\n")
-    dest = G.publish([call1, call2], root)
+    ctx = _ctx(tmp_path)
+    (ctx.out / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00",
+                                                  "git_sha": "abcdef0123456", "ceilings": {"copy_gbps": 4300.0}}))
+    (ctx.work / "core").mkdir()
+    (ctx.work / "core" / "report.json").write_text(json.dumps(_bench_report(CORE_ROWS, ["prefill", "decode"])))
+    G.PHASES["core"].collect(ctx)
+    G._finish_phase(ctx.out, [{"name": "env", "status": "ok", "duration_s": 9.0},
+                              {"name": "core", "status": "ok", "duration_s": 150.0},
+                              {"name": "tests", "status": "skipped"}], time.monotonic() - 300)
+    dest = G.publish(ctx.out, root)
     assert dest == root / "benchmarks/results/NVIDIA_H200/2026-12-01_abcdef0"
-    assert sorted(p.name for p in dest.iterdir()) == ["env.json", "gpu_report.log", "phases.json",
-                                                       "report.json", "tests.json"]
-    assert [p["name"] for p in json.loads((dest / "phases.json").read_text())] == ["tests", "e2e"]
-    assert len(json.loads((dest / "env.json").read_text())["calls"]) == 2
-    log = (dest / "gpu_report.log").read_text()
-    assert "call one" in log and "call two" in log
+    assert {"env.json", "report.json", "report.md", "phases.json"} <= {p.name for p in dest.iterdir()}
     readme = (root / "README.md").read_text()
-    assert "NVIDIA H200" in readme and "STALE-PLACEHOLDER" not in readme and "| decode | engine | 128 | 185.6 |" in readme
+    assert "STALE-PLACEHOLDER" not in readme and "NVIDIA H200" in readme
+    assert "| decode | 1024 | 96 | 110 (0.87 of floor) |  | 1100 | engine 10x reference |" in readme
+    assert "| time to first token, 1 image + 512 text tokens: <= 1.5x its FLOP floor | 1.538" in readme
+    assert "out of time: tests) | missed |" in readme  # a skipped phase: the report did not fit
+    assert "| serving: aggregate tok/s with 16 concurrent requests >= 12x one request's |  | not run |" in readme
+    assert "Phases: env ok (9 s), core ok (150 s), tests skipped" in readme
+    with pytest.raises(SystemExit, match="never published"):
+        smoke = tmp_path / "smoke"
+        smoke.mkdir()
+        (smoke / "env.json").write_text(json.dumps({"gpu": None, "date": "2026"}))
+        G.publish(smoke, root)
