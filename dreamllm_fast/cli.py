@@ -33,6 +33,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
     p.add_argument("--vae-backend", default="eager",
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "fp8"),
+                   help="LLaMA linears and LM head: bf16 (unquantized, default), int8 or fp8 "
+                        "weight-only with per-channel scales (engine backend; fp8 needs compute "
+                        "capability >= 8.9)")
 
 
 def _add_image_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
@@ -46,7 +50,7 @@ def _pipeline(args):
 
     return DreamLLMPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
                                             backend=args.backend, unet_backend=args.unet_backend,
-                                            vae_backend=args.vae_backend)
+                                            vae_backend=args.vae_backend, weights=args.weights)
 
 
 def _generator(args, pipe):

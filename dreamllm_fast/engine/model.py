@@ -13,6 +13,8 @@
 - `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
   embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
   batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
+- Weights: `EngineConfig.weights` "int8"/"fp8" stores every LLaMA linear and the LM head
+  quantized per output channel (engine/llm.py, kernels/quant_linear.py); same shapes, same graphs.
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
   Modules are built on meta and assigned on the device (no random init, no module.to()).
@@ -38,6 +40,7 @@ from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_devic
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
+from ..quant import check_device_supports
 from ..sampling import SamplingParams, sample_next
 from .cuda_graph import CudaGraphRunner, DecodeBuffers
 from .decode_batch import EngineDecodeBatch
@@ -101,7 +104,8 @@ class EngineModel(EagerDiffusionHead):
         # -- LLM: fused weights, static cache, runners ---------------------------------------
         lc = cfg.llm
         self.max_len = min(lc.max_position_embeddings, ec.max_seq or lc.max_position_embeddings)
-        self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype)
+        check_device_supports(ec.weights, self.device)  # fp8 below sm_89: refuse before loading
+        self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype, weights=ec.weights)
         # buckets past the context are never needed: the context (rounded up to 8) replaces them
         buckets = [b for b in ec.prefill_buckets if b < self.max_len]
         if len(buckets) < len(ec.prefill_buckets):
