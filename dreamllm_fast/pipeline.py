@@ -96,18 +96,27 @@ class DreamLLMPipeline:
         the CPU. backend: "engine" (the fast engine; the default on CUDA) or "reference"
         (transformers + diffusers; the default on the CPU, where the engine runs the same torch
         reference ops). engine_config: an `EngineConfig` for the engine's runtime knobs.
-        weights: "bf16" (default: the linears unquantized, in `dtype`), "int8" or "fp8" (every
-        LLaMA linear and the LM head quantized per output channel; the engine only, so the
-        default backend is then the engine on the CPU too; fp8 needs compute capability >= 8.9 on
-        CUDA). Overrides `engine_config.weights` when both are given.
+        weights: "bf16" (the linears unquantized, in `dtype`), "int8" or "fp8" (every LLaMA linear
+        and the LM head quantized per output channel at load; the engine only, so the default
+        backend is then the engine on the CPU too; fp8 needs compute capability >= 8.9 on CUDA).
+        Default: the checkpoint's own format (bf16, or what `convert --weights` wrote). Overrides
+        `engine_config.weights` when both are given.
         """
         device, precision = resolve_device_dtype(device, dtype)
         dtype = precision.dtype
+        ckpt = load_checkpoint(path)
+        stored = WeightFormat.parse(ckpt.llm_weights)  # int8/fp8: written by `convert --weights`
         try:
             fmt = WeightFormat.parse(weights if weights is not None else
                                      (engine_config.weights if engine_config is not None else None))
         except ValueError as e:
             raise InvalidInputError(str(e)) from None
+        if weights is None and not fmt.quantized:  # nothing asked: the checkpoint's own format
+            fmt = stored
+        if stored.quantized and fmt is not stored:
+            raise InvalidInputError(
+                f"{path} holds {stored.value}-quantized LLM weights (`convert --weights "
+                f"{stored.value}`); load it with weights={stored.value!r}, or load the bf16 checkpoint")
         backend = backend or ("engine" if device.type == "cuda" or fmt.quantized else "reference")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -119,7 +128,6 @@ class DreamLLMPipeline:
             engine_config = dataclasses.replace(engine_config, weights=fmt)
         elif engine_config is None and fmt.quantized:
             engine_config = EngineConfig(precision=precision, weights=fmt)
-        ckpt = load_checkpoint(path)
         tok = ckpt.tokenizer()
         special = SpecialTokens.from_tokenizer(tok)
         if backend == "reference":

@@ -312,6 +312,15 @@ class EngineModel(EagerDiffusionHead):
             return list(cond.split([len(r) for r in rows]))
 
 
+    def logits_at(self, session: "EngineSession", embeds: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Extend `session` by embeds [n, H]; returns the fp32 logits at `rows` (indices into the n
+        new positions), [len(rows), V]: scoring a text (dreamllm_fast/eval_ppl.py)."""
+        n = int(embeds.shape[0])
+        with self._guard([session], [n], [rows]):
+            hidden = self.prefill.prefill([embeds], [session.length], [session.slot], [list(rows)])
+            return self.llm.logits(hidden)
+
+
 def _check_rows(rows: Sequence[int], n: int) -> None:
     if len(rows) == 0 or any(not 0 <= int(r) < n for r in rows):
         raise InvalidInputError(f"dream rows must be non-empty indices into the {n} new positions, got {list(rows)}")
@@ -349,6 +358,11 @@ class EngineSession:
         """Append [n, H] embeddings; returns the fp32 logits of the last position, [V]."""
         self._not_decoding()
         return self.m.extend_batch([self], [embeds])[0]
+
+    def extend_logits(self, embeds: torch.Tensor, rows) -> torch.Tensor:
+        """Append [n, H] embeddings; returns the fp32 logits at `rows`, [len(rows), V]."""
+        self._not_decoding()
+        return self.m.logits_at(self, embeds, list(rows))
 
     def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""

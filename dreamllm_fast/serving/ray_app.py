@@ -69,7 +69,7 @@ class RayServeArgs(BaseModel):
     backend: Optional[str] = None
     unet_backend: str = "eager"
     vae_backend: str = "eager"
-    weights: Literal["bf16", "int8", "fp8"] = "bf16"  # LLaMA linears + LM head (--weights)
+    weights: Optional[Literal["bf16", "int8", "fp8"]] = None  # --weights; None: as the checkpoint stores them
     # -- the scheduler of each replica: a name in SCHEDULERS or "package.module:factory"
     scheduler: str = "batched"
     max_batch: Optional[int] = Field(None, ge=1)  # batched: sequences at once (default 8)
