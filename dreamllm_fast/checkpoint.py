@@ -9,7 +9,10 @@ A released checkpoint directory (shared/design/dreamllm.md §4) holds four bf16 
 
 plus ``config.json`` and the slow-tokenizer files. Pickles load with
 ``torch.load(weights_only=True, mmap=True)``: no arbitrary object is ever unpickled.
-``dreamllm-fast convert`` writes safetensors beside them, which this loader then prefers. A sharded
+``dreamllm-fast convert`` writes safetensors beside them, which this loader then prefers
+(``convert --weights int8|fp8`` writes the LLM's linears and LM head quantized, each
+``<name>.weight`` in int8/float8_e4m3fn beside ``<name>.weight_scale`` [N] fp32; `Checkpoint.llm_weights`
+then names the format and the engine uses them as stored). A sharded
 LLM (``*.index.json``) is accepted too. Optional component configs (``vision_config.json``,
 ``preprocessor_config.json``, ``unet/config.json``, ``vae/config.json``,
 ``scheduler/scheduler_config.json``) override the built-in SD-2.1 / CLIP ViT-L/14 constants.
@@ -28,8 +31,9 @@ from typing import Optional
 import torch
 
 from .config import (CLIP_PREPROCESSOR, CLIP_VIT_L14, SD21_SCHEDULER, SD21_UNET, SD21_VAE,
-                     DiffusionConfig, DreamLLMConfig, LLMConfig, VisionConfig)
+                     DiffusionConfig, DreamLLMConfig, LLMConfig, VisionConfig, WeightFormat)
 from .errors import CheckpointError
+from .quant import SCALE_SUFFIX, storage_dtype
 
 LLM_FILE = "pytorch_model.bin"
 VISION_FILE = "clip_vision_embedding.bin"
@@ -48,6 +52,9 @@ LEGACY_NAMES = {DREAM_FILE: ("dream_queries.pt",)}
 SHARD_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 RELEASED_CLIP_PREFIX = "clip_vision_model.vision_model."
+# the LLM weights `convert --weights int8|fp8` quantizes (with lm_head.weight)
+QUANTIZABLE_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                        "gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")
 LAYOUT_HINT = (
     "a DreamLLM checkpoint directory holds config.json, pytorch_model.bin, "
     "clip_vision_embedding.bin, dream_embedding.bin, stable_diffusion_head.bin and the tokenizer "
@@ -272,6 +279,7 @@ class Checkpoint:
     cond_proj_weight: torch.Tensor  # [C_cross, H_llm], no bias
     unet: dict  # diffusers UNet2DConditionModel names
     vae: dict  # diffusers AutoencoderKL names
+    llm_weights: str = "bf16"  # "int8"/"fp8": written by `convert --weights` (scales beside them)
 
     def tokenizer(self):
         return load_tokenizer(self.path)
@@ -315,7 +323,9 @@ def load_checkpoint(ckpt_dir: "str | Path") -> Checkpoint:
                               f"[1, {dq.shape[1]}, {H}] (hidden_size from config.json)")
 
     llm, llm_path = read_weight_file(d, LLM_FILE)
-    check_shapes(llm_path, llm, llm_expected_shapes(cfg.llm), _llm_ignorable)
+    llm_exp = llm_expected_shapes(cfg.llm)
+    llm_weights = _quantized_format(llm_path, llm, llm_exp)
+    check_shapes(llm_path, llm, llm_exp, lambda k: _llm_ignorable(k) or k.endswith(".weight" + SCALE_SUFFIX))
     llm = {k: v for k, v in llm.items() if not _llm_ignorable(k)}
 
     vis, vis_path = read_weight_file(d, VISION_FILE)
@@ -342,8 +352,31 @@ def load_checkpoint(ckpt_dir: "str | Path") -> Checkpoint:
         clip_proj_bias=vis["projector.projector.bias"], dream_queries=dq[0],
         cond_proj_weight=head["projector.projector.weight"],
         unet={k[5:]: v for k, v in head.items() if k.startswith("unet.")},
-        vae={k[4:]: v for k, v in head.items() if k.startswith("vae.")},
+        vae={k[4:]: v for k, v in head.items() if k.startswith("vae.")}, llm_weights=llm_weights,
     )
+
+
+def _quantized_format(path: Path, state: dict, expected: dict) -> str:
+    """"bf16", or the format of an LLM state written by `convert --weights` (checked: every scale
+    belongs to a quantizable weight of one storage dtype and has its row count)."""
+    scales = sorted(k for k in state if k.endswith(".weight" + SCALE_SUFFIX))
+    if not scales:
+        return "bf16"
+    dtypes = set()
+    for k in scales:
+        w = k[:-len(SCALE_SUFFIX)]
+        if w not in expected or not w.endswith(QUANTIZABLE_SUFFIXES):
+            raise CheckpointError(f"{path}: scale {k!r} belongs to no quantizable LLM weight")
+        if tuple(state[k].shape) != (expected[w][0],):
+            raise CheckpointError(f"{path}: scale {k!r} has shape {list(state[k].shape)}, expected "
+                                  f"[{expected[w][0]}] (one per output channel)")
+        dtypes.add(state[w].dtype)
+    fmts = {f.value for f in (WeightFormat.INT8, WeightFormat.FP8) if storage_dtype(f) in dtypes}
+    missing = [k for k in expected if k.endswith(QUANTIZABLE_SUFFIXES) and k + SCALE_SUFFIX not in state]
+    if len(fmts) != 1 or len(dtypes) != 1 or missing:
+        raise CheckpointError(f"{path}: a partly quantized LLM ({sorted(map(str, dtypes))}, "
+                              f"{len(missing)} linear(s) without scales); convert the bf16 checkpoint again")
+    return fmts.pop()
 
 
 def no_meta_left(module, what: str) -> None:
@@ -418,22 +451,48 @@ def load_unet_vae(ckpt_dir: "str | Path", dtype=torch.float32, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------------------------
-def convert_checkpoint(src: "str | Path", dst: "str | Path") -> list[Path]:
+def quantize_llm_state(state: dict, weights: str) -> dict:
+    """The LLM state with every quantizable linear (q/k/v/o, gate/up/down, the LM head) replaced by
+    its per-channel quantized weight and `<name>_scale` (dreamllm_fast/quant.py); the rest as is."""
+    from .quant import quantize
+
+    out = {}
+    for k, v in state.items():
+        if k.endswith(QUANTIZABLE_SUFFIXES) and k.startswith(("model.layers.", "lm_head.")):
+            qw = quantize(v, weights)
+            out[k], out[k + SCALE_SUFFIX] = qw.qweight, qw.scale
+        else:
+            out[k] = v
+    return out
+
+
+def convert_checkpoint(src: "str | Path", dst: "str | Path", weights: str = "bf16") -> list[Path]:
     """Copy a checkpoint to `dst` with every weight file as safetensors (same key names).
 
     The loader prefers the safetensors (mmapped, no unpickling). Config and tokenizer files are
-    copied as they are. Returns the files written.
+    copied as they are. weights "int8"/"fp8": the LLM's linears and LM head are written quantized
+    per output channel (`quantize_llm_state`), so later loads skip the quantization; the source
+    must hold unquantized weights. Returns the files written.
     """
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    load_checkpoint(src)  # validate everything before writing anything
+    fmt = WeightFormat.parse(weights)
+    ck = load_checkpoint(src)  # validate everything before writing anything
+    if fmt.quantized and ck.llm_weights != "bf16":
+        raise CheckpointError(f"{src}: its LLM is already quantized ({ck.llm_weights}); convert the "
+                              f"bf16 checkpoint instead")
+    del ck
     dst.mkdir(parents=True, exist_ok=True)
     written = []
     for name in WEIGHT_FILES:
         state, _ = read_weight_file(src, name)
+        meta = {"format": "pt"}
+        if name == LLM_FILE and fmt.quantized:
+            state = quantize_llm_state({k: v for k, v in state.items() if not _llm_ignorable(k)}, fmt)
+            meta["dreamllm_fast.weights"] = fmt.value
         out = dst / SAFETENSORS_NAME[name]
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
         written.append(out)
     for rel in ("config.json", "generation_config.json") + TOKENIZER_FILES + COMPONENT_CONFIGS:
         if (src / rel).is_file() and (src / rel).resolve() != (dst / rel).resolve():

@@ -1,5 +1,5 @@
 """`dreamllm-fast` command line: demo, chat, t2i, generate, serve, make-tiny, convert, export,
-bench.
+bench, eval-ppl.
 
 Errors the user can fix (a bad checkpoint, image, prompt or setting) print one line and exit 2.
 """
@@ -33,6 +33,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
     p.add_argument("--vae-backend", default="eager",
                    choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+    p.add_argument("--weights", default=None, choices=("bf16", "int8", "fp8"),
+                   help="LLaMA linears and LM head: bf16 (unquantized), int8 or fp8 weight-only with "
+                        "per-channel scales (engine backend; fp8 needs compute capability >= 8.9); "
+                        "default: as the checkpoint stores them (bf16, or what convert --weights wrote)")
 
 
 def _add_image_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
@@ -46,7 +50,7 @@ def _pipeline(args):
 
     return DreamLLMPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
                                             backend=args.backend, unet_backend=args.unet_backend,
-                                            vae_backend=args.vae_backend)
+                                            vae_backend=args.vae_backend, weights=args.weights)
 
 
 def _generator(args, pipe):
@@ -74,8 +78,24 @@ def cmd_make_tiny(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoint import convert_checkpoint
 
-    written = convert_checkpoint(args.src, args.dst)
-    print(f"wrote {len(written)} files to {args.dst} (weights as safetensors)")
+    written = convert_checkpoint(args.src, args.dst, weights=args.weights)
+    how = "" if args.weights == "bf16" else f"; LLM linears and LM head {args.weights} with per-channel scales"
+    print(f"wrote {len(written)} files to {args.dst} (weights as safetensors{how})")
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    import json
+
+    from .eval_ppl import run
+
+    r = run(args)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"perplexity {r['perplexity']:.4f} over {r['tokens_scored']} scored tokens of {r['tokens']} "
+              f"(window {r['max_length']}, stride {r['stride']}; {r['weights']} weights, {r['dtype']} "
+              f"activations on {r['device']})")
     return 0
 
 
@@ -369,7 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="copy a checkpoint with its weights as safetensors")
     p.add_argument("src")
     p.add_argument("dst", help="output directory (may equal src: safetensors are written beside)")
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "fp8"),
+                   help="write the LLaMA linears and LM head quantized (int8/fp8 with per-channel "
+                        "scales; later loads use them as stored) or as they are (bf16, default)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("eval-ppl", help="perplexity of the LLM over a text file (sliding window), "
+                                        "e.g. to measure what int8/fp8 weights cost")
+    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint directory")
+    p.add_argument("--text", required=True, help="a UTF-8 text file (yours: no data set ships)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--weights", default=None, choices=("bf16", "int8", "fp8"),
+                   help="LLaMA linears and LM head (default: as the checkpoint stores them)")
+    p.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the context)")
+    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(fn=cmd_eval_ppl)
 
     from .bench.run import add_bench_arguments, run_bench
 

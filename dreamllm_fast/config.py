@@ -61,6 +61,36 @@ class Precision(str, enum.Enum):
             ) from None
 
 
+class WeightFormat(str, enum.Enum):
+    """How the engine stores the LLaMA linears and the LM head (issue 23).
+
+    ``bf16``: unquantized, in the activation dtype (the name is the released checkpoint's
+    precision; an fp32 engine keeps fp32). ``int8``: symmetric int8 with one fp32 scale per output
+    channel. ``fp8``: float8 e4m3 with one fp32 scale per output channel (GPUs of compute
+    capability 8.9 or newer: Ada, Hopper, Blackwell; the CPU runs it through the torch reference).
+    The embedding table, norms, dream queries, CLIP tower and projectors always stay unquantized.
+    """
+
+    BF16 = "bf16"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+    @property
+    def quantized(self) -> bool:
+        return self is not WeightFormat.BF16
+
+    @classmethod
+    def parse(cls, value: "str | WeightFormat | None") -> "WeightFormat":
+        if isinstance(value, WeightFormat):
+            return value
+        if value is None:
+            return cls.BF16
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ValueError(f"unknown weights {value!r}; use one of bf16 (unquantized), int8, fp8") from None
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """Token ids read from the tokenizer (never from config.json's legacy bos/eos/pad)."""
@@ -337,9 +367,11 @@ class EngineConfig:
     prefill_chunk: Optional[int] = None  # tokens per pass; default: the largest bucket (none: no chunking)
     unet_backend: str = "eager"
     vae_backend: str = "eager"
+    weights: WeightFormat = WeightFormat.BF16  # LLaMA linears + LM head: bf16 (as loaded), int8, fp8
 
     def __post_init__(self):
         self.precision = Precision.parse(self.precision)
+        self.weights = WeightFormat.parse(self.weights)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq is not None and self.max_seq < 1:

@@ -15,6 +15,7 @@ condition -> diffuse -> decode_latents); `last_timings` holds the seconds of the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import Precision, SpecialTokens
+from .config import EngineConfig, Precision, SpecialTokens, WeightFormat
 from .diffusion import (check_diffusion_args, decode_latents, denoise, make_scheduler,
                         prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
@@ -70,20 +71,46 @@ class DreamLLMPipeline:
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, backend: Optional[str] = None,
                         unet_backend: str = "eager", vae_backend: str = "eager",
-                        progress: bool = True, engine_config=None) -> "DreamLLMPipeline":
+                        progress: bool = True, engine_config=None,
+                        weights: Optional[str] = None) -> "DreamLLMPipeline":
         """Load a checkpoint directory in the official release layout, offline.
 
         device: default "cuda" when available, else "cpu". dtype: default bf16 on CUDA and fp32 on
         the CPU. backend: "engine" (the fast engine; the default on CUDA) or "reference"
         (transformers + diffusers; the default on the CPU, where the engine runs the same torch
         reference ops). engine_config: an `EngineConfig` for the engine's runtime knobs.
+        weights: "bf16" (the linears unquantized, in `dtype`), "int8" or "fp8" (every LLaMA linear
+        and the LM head quantized per output channel at load; the engine only, so the default
+        backend is then the engine on the CPU too; fp8 needs compute capability >= 8.9 on CUDA).
+        Default: the checkpoint's own format (bf16, or what `convert --weights` wrote). Overrides
+        `engine_config.weights` when both are given.
         """
         device, precision = resolve_device_dtype(device, dtype)
         dtype = precision.dtype
-        backend = backend or ("engine" if device.type == "cuda" else "reference")
+        ckpt = load_checkpoint(path)
+        stored = WeightFormat.parse(ckpt.llm_weights)  # int8/fp8: written by `convert --weights`
+        try:
+            fmt = WeightFormat.parse(weights if weights is not None else
+                                     (engine_config.weights if engine_config is not None else None))
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+        if weights is None and not fmt.quantized:  # nothing asked: the checkpoint's own format
+            fmt = stored
+        if stored.quantized and fmt is not stored:
+            raise InvalidInputError(
+                f"{path} holds {stored.value}-quantized LLM weights (`convert --weights "
+                f"{stored.value}`); load it with weights={stored.value!r}, or load the bf16 checkpoint")
+        backend = backend or ("engine" if device.type == "cuda" or fmt.quantized else "reference")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        ckpt = load_checkpoint(path)
+        if fmt.quantized and backend != "engine":
+            raise InvalidInputError(
+                f"weights={fmt.value!r} is an engine option (the reference backend is the unquantized "
+                f"oracle): use backend='engine', or weights='bf16'")
+        if engine_config is not None and engine_config.weights is not fmt:
+            engine_config = dataclasses.replace(engine_config, weights=fmt)
+        elif engine_config is None and fmt.quantized:
+            engine_config = EngineConfig(precision=precision, weights=fmt)
         tok = ckpt.tokenizer()
         special = SpecialTokens.from_tokenizer(tok)
         if backend == "reference":

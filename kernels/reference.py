@@ -30,6 +30,7 @@ __all__ = [
     "philox4x32_10_ref",
     "exponential_noise_ref",
     "exponential_sample_ref",
+    "quant_linear_ref",
 ]
 
 
@@ -257,4 +258,19 @@ def exponential_sample_ref(probs, seeds, positions, out=None, noise_out=None):
     if out is None:
         return ids
     out.copy_(ids)
+    return out
+
+
+def quant_linear_ref(x, qweight, scale, out=None, split_k=None):
+    """Weight-only quantized linear (oracle and CPU fallback): (x @ qweight^T) * scale.
+
+    x: [..., K]; qweight: [N, K] int8 or float8_e4m3fn; scale: [N] fp32 (one per output channel).
+    The product runs in fp32 (fp64 for fp64 x: the tests' oracle) with the scale applied after the
+    K reduction, then one rounding to x's dtype. split_k is ignored. Returns out: [..., N].
+    """
+    cdt = _compute_dtype(x.dtype)
+    y = (torch.matmul(x.to(cdt), qweight.to(cdt).t()) * scale.to(cdt)).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
     return out

@@ -4,7 +4,8 @@
                                             [--typing triton inductor] [--extra FILE.py] [--json OUT]
 
 1. Record: the engine's own code (``LlamaRunner`` prefill and decode, ``dream_projection``,
-   the decode loop's ``exponential_sample``) runs
+   the decode loop's ``exponential_sample``; prefill and decode again in the first dtype with int8
+   weights, and fp8 on sm_90, through ``quant_linear``) runs
    once per call site on meta tensors at the released 7B shapes with every kernel's ``run``
    replaced by a recorder, so constexprs, dtypes, strides, grids, warps and stages are exactly
    what the launchers choose (plans use the target's SM count: 132 for sm_90, 108 for sm_80).
@@ -42,6 +43,7 @@ DECODE_BATCHES = (1, 2, 4, 8, 16)
 PREFILL_CHUNKS = (1, 7, 64, 258, 512, 770, 1024)
 MAX_SEQ = 2048
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+QUANT_WEIGHTS = {90: ("int8", "fp8"), 80: ("int8",)}  # fp8 needs sm_89+: the engine refuses it on sm_80
 
 
 @dataclass
@@ -97,9 +99,10 @@ def recording(modules):
             del k.run
 
 
-def _engine_sites(site, dtype, configs):
+def _engine_sites(site, dtype, configs, weights="bf16"):
     """The engine's kernel calls at the released 7B shapes, on meta tensors (one layer: every layer
-    makes the same calls)."""
+    makes the same calls). weights "int8"/"fp8": the quantized engine (its linears and LM head
+    through quant_linear; site names get the format as a prefix)."""
     import torch
 
     from .. import kernels as K
@@ -122,7 +125,8 @@ def _engine_sites(site, dtype, configs):
                         ("post_attention_layernorm", (H,)), ("mlp.gate_proj", (F, H)), ("mlp.up_proj", (F, H)),
                         ("mlp.down_proj", (H, F))):
         state[f"model.layers.0.{name}.weight"] = meta(*shape)
-    weights = LlamaWeights(state, lc, "meta", dtype)
+    fmt, weights = weights, LlamaWeights(state, lc, "meta", dtype, weights=weights)
+    tag = "" if fmt == "bf16" else f"{fmt} "
     cache = KVCache(lc, max(DECODE_BATCHES), MAX_SEQ, "meta", dtype)
     runner = LlamaRunner(lc, weights, cache, "meta")
     i32 = torch.int32
@@ -131,9 +135,9 @@ def _engine_sites(site, dtype, configs):
         return meta(n, dt=i32)
 
     for T in PREFILL_CHUNKS:
-        site["name"] = f"prefill T={T}"
+        site["name"] = f"{tag}prefill T={T}"
         runner.prefill(meta(T, H), lens(2), lens(1), lens(1), T)
-    site["name"] = "condition pair 2x66"
+    site["name"] = f"{tag}condition pair 2x66"
     runner.prefill(meta(132, H), lens(3), lens(2), lens(2), 66)
     dmod = sys.modules[f"{__package__}.decode_attention"]  # the package attribute is the dispatcher
     default = dmod.DEFAULT_CONFIG
@@ -142,10 +146,12 @@ def _engine_sites(site, dtype, configs):
             dmod.DEFAULT_CONFIG = c  # the engine calls with the default; record every candidate
             clear_plans()
             for B in DECODE_BATCHES:
-                site["name"] = f"decode B={B} {c.variant}/{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+                site["name"] = f"{tag}decode B={B} {c.variant}/{c.block_n}/w{c.num_warps}/s{c.num_stages}"
                 runner.decode_step(meta(B, H), lens(B), lens(B))
     finally:
         dmod.DEFAULT_CONFIG = default
+    if fmt != "bf16":  # the rest does not depend on the weights
+        return
     for B in DECODE_BATCHES:  # the decode loop's sampling step (fp32 probabilities over the vocabulary)
         site["name"] = f"sample B={B}"
         K.exponential_sample(meta(B, V, dt=torch.float32), meta(B, dt=torch.int64), lens(B))
@@ -172,7 +178,7 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
     assert not _utils.is_interpret(), "compile checks need TRITON_INTERPRET unset (they compile real PTX)"
     mods = [importlib.import_module(f"{__package__}.{m}")
             for m in ("rmsnorm", "swiglu", "append_attention", "decode_attention", "dream_projection",
-                      "sampling")]
+                      "sampling", "quant_linear")]
     extra_mods = [_load_file(p) for p in extra]
     _utils.set_standin_sm_count(ARCHS[arch]["sms"])
     prev = K.backend()
@@ -187,6 +193,8 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
                 configs = (dmod.DEFAULT_CONFIG,) + tuple(c for c in extra_configs
                                                          if i == 0 and c != dmod.DEFAULT_CONFIG)
                 _engine_sites(site, getattr(torch, _DTYPES[name]), configs)
+                for fmt in QUANT_WEIGHTS[arch] if i == 0 else ():  # the weight-only engines, first
+                    _engine_sites(site, getattr(torch, _DTYPES[name]), configs[:1], weights=fmt)  # dtype (CI time)
             for m in extra_mods:
                 site["name"] = f"extra {Path(m.__file__).name}"
                 m.launches()

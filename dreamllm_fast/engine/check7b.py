@@ -1,8 +1,9 @@
 """The released 7B engine stage by stage: fake CUDA in CI (no GPU), or a real GPU with `--real`.
 
-    python -m dreamllm_fast.engine.check7b [--json] [--ctx 2048] [--real]
+    python -m dreamllm_fast.engine.check7b [--json] [--ctx 2048] [--real] [--weights bf16|int8|fp8]
 
-Builds dreamllm-7b in bf16 on device "cuda" with the default `EngineConfig` from a checkpoint of
+Builds dreamllm-7b in bf16 on device "cuda" with the default `EngineConfig` (and the `--weights`
+format of its LLaMA linears and LM head: quantized at load, on the device) from a checkpoint of
 uninitialized tensors (CPU, as a real load reads them; values do not matter here), captures every
 graph, then runs: CLIP encode, prefill of one image + 512 tokens, decode at every capture size,
 the dream branch, the [uncond; cond] condition pair, one U-Net step at the guidance batch, the VAE
@@ -44,6 +45,8 @@ GiB = 2 ** 30
 # device's used memory to replace it with a measured figure.
 UNTRACKED_ALLOWANCE = 1 * GiB
 MEMORY_BOUND = 20 * GiB  # performance.md: the whole 7B pipeline in <= 20 GiB at 2048 context
+# issue 23: int8 weight-only, the whole pipeline under 13 GiB at 2048 context (fp8: the same bytes)
+MEMORY_BOUNDS = {"bf16": MEMORY_BOUND, "int8": 13 * GiB, "fp8": 13 * GiB}
 H100_SMS = 132  # the decode split count reads the SM count, which needs a driver: H100 SXM's
 
 
@@ -89,7 +92,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run(ctx: int = 2048, plants: bool = True, real: bool = False) -> dict:
+def run(ctx: int = 2048, plants: bool = True, real: bool = False, weights: str = "bf16") -> dict:
     """Build and exercise the released 7B engine; returns the report (see `main`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -98,7 +101,7 @@ def run(ctx: int = 2048, plants: bool = True, real: bool = False) -> dict:
     from .graphs import CudaGraphs, StandInGraphs
     from .model import EngineModel
 
-    cfg, ec = DreamLLMConfig.from_name("dreamllm-7b"), EngineConfig(max_seq=ctx)
+    cfg, ec = DreamLLMConfig.from_name("dreamllm-7b"), EngineConfig(max_seq=ctx, weights=weights)
     bf16 = torch.bfloat16
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
@@ -189,8 +192,7 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
     shapes["image"] = list(img.shape)
     w = model.weights
     weights = {
-        "LLM (fused q|k|v, gate|up)": _nbytes([w.embed, w.norm, w.lm_head] + [
-            t for lw in w.layers for t in (lw.ln1, lw.wqkv, lw.wo, lw.ln2, lw.wgu, lw.wdown)]),
+        f"LLM (fused q|k|v, gate|up; {w.format.value} linears)": _nbytes(w.tensors()),
         "CLIP tower (23 layers)": _nbytes(list(model.clip.parameters()) + list(model.clip.buffers())),
         "projectors + dream queries": _nbytes([model.clip_proj_weight, model.clip_proj_bias,
                                                model.dream_queries, model.cond_proj_weight]),
@@ -201,7 +203,8 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
     per_slot = 2 * lc.num_hidden_layers * c.max_seq * lc.num_key_value_heads * lc.head_dim * c.buffer.element_size()
     peak = max(r["peak"] for r in stage.rows.values())
     return {
-        "config": {"preset": cfg.name, "ctx": ec.max_seq, "dtype": "bf16", "max_batch": ec.max_batch,
+        "config": {"preset": cfg.name, "ctx": ec.max_seq, "dtype": "bf16", "weights": ec.weights.value,
+                   "max_batch": ec.max_batch, "decode_read_bytes": w.decode_read_bytes(),
                    "prefill_buckets": list(ec.prefill_buckets), "decode_sizes": model.graphs.sizes},
         "weights_bytes": weights,
         "kv_cache_bytes": {"total": c.nbytes, "live slots": c.num_slots * per_slot,
@@ -214,7 +217,7 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
                    "decode graphs": len(model.graphs.graphs)},  # (size, mode): logits, greedy, sample
         "stages": stage.rows, "shapes": shapes,
         "peak_tracked_bytes": peak, "untracked_allowance_bytes": UNTRACKED_ALLOWANCE,
-        "peak_estimate_bytes": peak + UNTRACKED_ALLOWANCE, "bound_bytes": MEMORY_BOUND,
+        "peak_estimate_bytes": peak + UNTRACKED_ALLOWANCE, "bound_bytes": MEMORY_BOUNDS[ec.weights.value],
         "seconds": round(time.perf_counter() - t_start, 1), "_model": model,
     }
 
@@ -274,12 +277,14 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--real", action="store_true", help="on a GPU: real tensors and CUDA graphs")
     ap.add_argument("--no-plants", action="store_true", help="skip the planted-bug checks (fake mode)")
+    ap.add_argument("--weights", default="bf16", choices=("bf16", "int8", "fp8"),
+                    help="the LLaMA linears and LM head: unquantized bf16, or int8/fp8 weight-only")
     args = ap.parse_args(argv)
-    r = run(args.ctx, plants=not args.no_plants, real=args.real)
+    r = run(args.ctx, plants=not args.no_plants, real=args.real, weights=args.weights)
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"dreamllm-7b engine on {r['mode']} CUDA, bf16, ctx {args.ctx} ({r['seconds']} s)")
+    print(f"dreamllm-7b engine on {r['mode']} CUDA, bf16, {args.weights} weights, ctx {args.ctx} ({r['seconds']} s)")
     for k, v in r["weights_bytes"].items():
         print(f"  weights  {k:34s} {_fmt(v)}")
     kv = r["kv_cache_bytes"]

@@ -2,7 +2,10 @@
 
 - `LlamaWeights`: the checkpoint's HF-named LLaMA tensors rearranged once at load: q|k|v fused into
   one [(Hq + 2 Hkv) D, H] matrix, gate|up into one [2F, H] matrix (one GEMM each instead of three
-  and two), all on the device in the activation dtype.
+  and two), all on the device in the activation dtype. With `weights="int8"|"fp8"` the four
+  linears of every layer and the LM head become `QuantizedWeight`s (dreamllm_fast/quant.py: one
+  scale per output channel, quantized on the device right after the fusion, or read as stored by
+  `convert --weights`) and run through `kernels.quant_linear`; everything else stays unquantized.
 - `KVCache`: per layer `[num_slots + 1, max_seq, Hkv, D]` K and V views of one buffer allocated
   once; `max_seq` is the context rounded up to a multiple of 8 (style.md §11). The last slot is a
   short scratch slot that graph padding and capture warm-ups write into, so they never touch a live
@@ -27,28 +30,45 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as K
-from ..config import LLMConfig
+from ..config import LLMConfig, WeightFormat
+from ..quant import SCALE_SUFFIX, QuantizedWeight, quantize, storage_dtype
+
+Linear = "torch.Tensor | QuantizedWeight"  # a weight as `linear` takes it
 
 
 def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    """x @ w^T (bias-free): cuBLAS for a plain weight, the fused-dequant kernel for a quantized one."""
+    if isinstance(w, QuantizedWeight):
+        return K.quant_linear(x, w.qweight, w.scale)
+    return F.linear(x, w)
+
+
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor  # [H]
-    wqkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
-    wo: torch.Tensor  # [H, Hq D]
+    wqkv: Linear  # [(Hq + 2 Hkv) D, H]
+    wo: Linear  # [H, Hq D]
     ln2: torch.Tensor  # [H]
-    wgu: torch.Tensor  # [2F, H] (gate rows first, then up: silu_and_mul's layout)
-    wdown: torch.Tensor  # [H, F]
+    wgu: Linear  # [2F, H] (gate rows first, then up: silu_and_mul's layout)
+    wdown: Linear  # [H, F]
 
 
 class LlamaWeights:
-    """HF LLaMA state dict -> fused device tensors. Checks every key is used exactly once."""
+    """HF LLaMA state dict -> fused device tensors. Checks every key is used exactly once.
 
-    def __init__(self, state: dict, cfg: LLMConfig, device, dtype):
+    weights: "bf16" keeps the linears in `dtype`; "int8"/"fp8" quantizes them (and the LM head)
+    per output channel. A state written by `convert --weights` already holds `<name>.weight` in
+    the storage dtype beside `<name>.weight_scale` [N] fp32; it is used as stored (the format must
+    match `weights`).
+    """
+
+    def __init__(self, state: dict, cfg: LLMConfig, device, dtype, weights="bf16"):
         used = set()
+        fmt = self.format = WeightFormat.parse(weights)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -59,24 +79,59 @@ class LlamaWeights:
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype).contiguous()
 
+        def stored(name: str) -> bool:
+            """Whether `name` was saved quantized (its scale sits beside it); checks the format."""
+            if name + SCALE_SUFFIX not in state:
+                return False
+            if not fmt.quantized or state[name].dtype != storage_dtype(fmt):  # a mix-up: say so
+                raise ValueError(
+                    f"{name} is stored as {state[name].dtype} with per-channel scales, but the engine "
+                    f"was asked for weights={fmt.value!r}: load it with the weights it was converted "
+                    f"to, or convert the bf16 checkpoint again")
+            return True
+
+        def lin(*names: str) -> Linear:
+            """The weights `names` fused along the output dim, quantized if asked."""
+            if all(stored(n) for n in names):
+                return QuantizedWeight(torch.cat([take(n) for n in names]).to(device).contiguous(),
+                                       torch.cat([take(n + SCALE_SUFFIX) for n in names]).to(
+                                           device=device, dtype=torch.float32).contiguous())
+            w = torch.cat([take(n) for n in names]) if len(names) > 1 else take(names[0])
+            if not fmt.quantized:
+                return put(w)
+            # on the device, one matrix at a time: a fused bf16 copy lives only until quantized
+            return quantize(w.to(device=device), fmt)
+
         self.embed = put(take("model.embed_tokens.weight"))  # [V, H]
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
                 ln1=put(take(p + "input_layernorm.weight")),
-                wqkv=put(torch.cat([take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
-                                    take(p + "self_attn.v_proj.weight")])),
-                wo=put(take(p + "self_attn.o_proj.weight")),
+                wqkv=lin(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                wo=lin(p + "self_attn.o_proj.weight"),
                 ln2=put(take(p + "post_attention_layernorm.weight")),
-                wgu=put(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
-                wdown=put(take(p + "mlp.down_proj.weight")),
+                wgu=lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                wdown=lin(p + "mlp.down_proj.weight"),
             ))
         self.norm = put(take("model.norm.weight"))  # [H]
-        self.lm_head = put(take("lm_head.weight"))  # [V, H]
+        self.lm_head = lin("lm_head.weight")  # [V, H]
         extra = sorted(set(state) - used)
         if extra:
             raise KeyError(f"unused LLM weights (the engine would silently ignore them): {extra[:5]}")
+
+    def tensors(self) -> list:
+        """Every device tensor of the decoder (quantized weights as their Q and scale)."""
+        out = [self.embed, self.norm]
+        for w in [self.lm_head] + [t for lw in self.layers for t in (lw.ln1, lw.wqkv, lw.wo, lw.ln2, lw.wgu, lw.wdown)]:
+            out += list(w.tensors()) if isinstance(w, QuantizedWeight) else [w]
+        return out
+
+    def decode_read_bytes(self) -> int:
+        """Bytes one decode step reads from the weights: all but the embedding table (one row is
+        gathered), quantized weights with their scales."""
+        return sum(t.numel() * t.element_size() for t in self.tensors()) \
+            - self.embed.numel() * self.embed.element_size()
 
 
 class KVCache:
@@ -163,19 +218,19 @@ class LlamaRunner:
                 a = K.rmsnorm(x, lw.ln1, self.eps)
             else:
                 a, h = K.rmsnorm(m, lw.ln1, self.eps, residual=h)  # h = m + h (HF: residual + out)
-            q, k, v = self._split_qkv(F.linear(a, lw.wqkv))
-            o = F.linear(attend(i, q, k, v).reshape(T, self.hq * self.d), lw.wo)  # attend: [T, Hq, D]
+            q, k, v = self._split_qkv(linear(a, lw.wqkv))
+            o = linear(attend(i, q, k, v).reshape(T, self.hq * self.d), lw.wo)  # attend: [T, Hq, D]
             if i == 0:
                 a, h = K.rmsnorm(o, lw.ln2, self.eps, residual=x,
                                  residual_out=torch.empty_like(x) if residual_out is None else residual_out)
             else:
                 a, h = K.rmsnorm(o, lw.ln2, self.eps, residual=h)
-            m = F.linear(K.silu_and_mul(F.linear(a, lw.wgu)), lw.wdown)
+            m = linear(K.silu_and_mul(linear(a, lw.wgu)), lw.wdown)
         return h, m
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] pre-norm rows (only the sampled ones) -> fp32 logits [N, V]."""
-        return F.linear(K.rmsnorm(hidden, self.w.norm, self.eps), self.w.lm_head).float()
+        return linear(K.rmsnorm(hidden, self.w.norm, self.eps), self.w.lm_head).float()
 
     def prefill(self, embeds: torch.Tensor, cu_seqlens: torch.Tensor, cache_lens: torch.Tensor,
                 slot_ids: torch.Tensor, max_seqlen_q: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -208,4 +263,4 @@ class LlamaRunner:
 
         h, m = self._layers(embeds, attend)
         normed, _ = K.rmsnorm(m, self.w.norm, self.eps, residual=h)  # final add fused: h = m + h
-        return F.linear(normed, self.w.lm_head).float()
+        return linear(normed, self.w.lm_head).float()

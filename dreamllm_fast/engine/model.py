@@ -13,6 +13,8 @@
 - `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
   embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
   batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
+- Weights: `EngineConfig.weights` "int8"/"fp8" stores every LLaMA linear and the LM head
+  quantized per output channel (engine/llm.py, kernels/quant_linear.py); same shapes, same graphs.
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
   last encoder layer and post_layernorm never run), CLS dropped, then the projector (with bias).
   Modules are built on meta and assigned on the device (no random init, no module.to()).
@@ -39,6 +41,7 @@ from ..config import EngineConfig, Precision, SpecialTokens
 from ..devices import fill_from_host
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
+from ..quant import check_device_supports
 from ..sampling import SamplingParams, sample_next
 from .cuda_graph import CudaGraphRunner, DecodeBuffers
 from .decode_batch import EngineDecodeBatch
@@ -102,7 +105,8 @@ class EngineModel(EagerDiffusionHead):
         # -- LLM: fused weights, static cache, runners ---------------------------------------
         lc = cfg.llm
         self.max_len = min(lc.max_position_embeddings, ec.max_seq or lc.max_position_embeddings)
-        self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype)
+        check_device_supports(ec.weights, self.device)  # fp8 below sm_89: refuse before loading
+        self.weights = LlamaWeights(ckpt.llm, lc, self.device, self.dtype, weights=ec.weights)
         # buckets past the context are never needed: the context (rounded up to 8) replaces them
         buckets = [b for b in ec.prefill_buckets if b < self.max_len]
         if len(buckets) < len(ec.prefill_buckets):
@@ -360,6 +364,15 @@ class EngineModel(EagerDiffusionHead):
             return list(cond.split([len(r) for r in rows]))
 
 
+    def logits_at(self, session: "EngineSession", embeds: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Extend `session` by embeds [n, H]; returns the fp32 logits at `rows` (indices into the n
+        new positions), [len(rows), V]: scoring a text (dreamllm_fast/eval_ppl.py)."""
+        n = int(embeds.shape[0])
+        with self._guard([session], [n], [rows]):
+            hidden = self.prefill.prefill([embeds], [session.length], [session.slot], [list(rows)])
+            return self.llm.logits(hidden)
+
+
 def _check_rows(rows: Sequence[int], n: int) -> None:
     if len(rows) == 0 or any(not 0 <= int(r) < n for r in rows):
         raise InvalidInputError(f"dream rows must be non-empty indices into the {n} new positions, got {list(rows)}")
@@ -402,6 +415,11 @@ class EngineSession:
         """Append [n, H] embeddings; returns the fp32 logits of the last position, [V]."""
         self._not_decoding()
         return self.m.extend_batch([self], [embeds])[0]
+
+    def extend_logits(self, embeds: torch.Tensor, rows) -> torch.Tensor:
+        """Append [n, H] embeddings; returns the fp32 logits at `rows`, [len(rows), V]."""
+        self._not_decoding()
+        return self.m.logits_at(self, embeds, list(rows))
 
     def extend_dream(self, embeds: torch.Tensor, rows) -> torch.Tensor:
         """Append [n, H] embeddings; returns the projected condition at `rows`, [len(rows), C]."""

@@ -16,7 +16,7 @@ Loader = Callable[..., Any]
 
 def pipeline_loader(settings) -> Loader:
     """`load(engine_config=None)` for a scheduler: the pipeline `settings` names (an object with
-    `dreamllm-fast serve`'s checkpoint, device, dtype, backend, unet_backend and vae_backend:
+    `dreamllm-fast serve`'s checkpoint, device, dtype, backend, unet_backend, vae_backend and weights:
     the parsed flags, or Ray's `RayServeArgs`), built on the scheduler's worker thread."""
     def load(engine_config=None):
         from ..pipeline import DreamLLMPipeline
@@ -24,7 +24,8 @@ def pipeline_loader(settings) -> Loader:
         return DreamLLMPipeline.from_pretrained(
             settings.checkpoint, device=settings.device, dtype=settings.dtype,
             backend=settings.backend, unet_backend=settings.unet_backend,
-            vae_backend=settings.vae_backend, progress=False, engine_config=engine_config)
+            vae_backend=settings.vae_backend, progress=False, engine_config=engine_config,
+            weights=settings.weights)
 
     return load
 

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
@@ -69,6 +69,7 @@ class RayServeArgs(BaseModel):
     backend: Optional[str] = None
     unet_backend: str = "eager"
     vae_backend: str = "eager"
+    weights: Optional[Literal["bf16", "int8", "fp8"]] = None  # --weights; None: as the checkpoint stores them
     # -- the scheduler of each replica: a name in SCHEDULERS or "package.module:factory"
     scheduler: str = "batched"
     max_batch: Optional[int] = Field(None, ge=1)  # batched: sequences at once (default 8)

@@ -4,7 +4,9 @@ Inductor's fp64/i64 scalar typing too; and the check fires on planted bugs.
 
 One subprocess without TRITON_INTERPRET (the compile checks build real PTX; the test session runs
 Triton in interpreter mode). Cold, it compiles ~70 kernels: about 95 s of CPU on this 2-core
-machine, split over one process per core (up to 8); Triton's cache makes reruns fast.
+machine, split over one process per core (up to 8); Triton's cache makes reruns fast. The int8/fp8
+weight-only engine's call sites add 28 launches (98 in all: 117 s wall with 2 jobs on the shared
+machine).
 """
 import json
 import os
@@ -77,3 +79,18 @@ def test_planted_bugs_are_caught(rows):
         assert "compile error" in problem("_broken_kernel", arch=arch)
         assert planted[("_fp64_loop_kernel", "triton", arch)]["ok"]
     assert "Loop-carried variable" in problem("_fp64_loop_kernel", typing="inductor")
+
+
+def test_weight_only_quantized_kernels_compile_for_both_archs(rows):
+    """kernels/quant_linear.py at the int8 engine's call sites on sm_90 and sm_80, the fp8 engine's
+    on sm_90 only (the engine refuses fp8 below sm_89): both plans (skinny split-K decode, tiled
+    prefill) and the split-K reduce, clean (the check above covers spills and shared memory)."""
+    q = [r for r in _engine(rows) if r["kernel"].startswith("_quant") and r["typing"] == "triton"]
+    for arch, fmts in (("sm_90", ("int8", "fp8")), ("sm_80", ("int8",))):
+        for fmt in fmts:
+            sites = {r["site"].split(" ")[1] for r in q if r["arch"] == arch and r["site"].startswith(fmt + " ")}
+            assert {"prefill", "decode"} <= sites, f"{arch} {fmt}: {sites}"
+        assert any(r["kernel"] == "_quant_splitk_reduce_kernel" and r["arch"] == arch for r in q)
+        metas = {r["meta"] for r in q if r["kernel"] == "_quant_linear_kernel" and r["arch"] == arch}
+        assert any("DIRECT_OUT=False" in m for m in metas) and any("BLOCK_M=128" in m for m in metas)
+    assert not any(r["site"].startswith("fp8") for r in q if r["arch"] == "sm_80")
