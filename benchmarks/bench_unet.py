@@ -40,21 +40,30 @@ def build(name, unet, vae, cfg, cache_dir, autotune=False):
     return u, v, time.perf_counter() - t0
 
 
-def denoise(cfg, unet_b, vae_b, steps, guidance=7.5, seed=0):
-    """The pipeline's diffusion stage: CFG over [uncond; cond], DDPM ancestral steps, decode."""
-    from diffusers import DDPMScheduler
+def parse_samplers(text):
+    """"ddpm:50,dpmpp-2m:20" -> [("ddpm", 50), ("dpmpp-2m", 20)] (a name alone: --steps)."""
+    from dreamllm_fast.diffusion import check_sampler
 
-    sched = DDPMScheduler.from_config(cfg.diffusion.scheduler)
-    sched.set_timesteps(steps)
-    g = torch.Generator("cuda").manual_seed(seed)
+    out = []
+    for item in filter(None, text.split(",")):
+        name, _, steps = item.partition(":")
+        out.append((check_sampler(name), int(steps) if steps else None))
+    return out
+
+
+def denoise(cfg, unet_b, vae_b, steps, guidance=7.5, seed=0, sampler="ddpm", device="cuda"):
+    """The pipeline's diffusion stage (dreamllm_fast/diffusion.py, the loop the pipeline runs):
+    CFG over [uncond; cond], `steps` steps of `sampler`, VAE decode."""
+    from dreamllm_fast.diffusion import decode_latents, denoise as loop, make_scheduler
+
+    g = torch.Generator(device).manual_seed(seed)
     q, c = cfg.num_dream_queries, cfg.diffusion.cross_attention_dim
-    cond = torch.randn(1, q, c, device="cuda", dtype=torch.float16, generator=g)
-    ehs = torch.cat([torch.zeros_like(cond), cond])
-    lat = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16, generator=g)
-    for t in sched.timesteps:
-        eps_u, eps_c = unet_b(torch.cat([lat, lat]), t, ehs).chunk(2)
-        lat = sched.step(eps_u + guidance * (eps_c - eps_u), t, lat, generator=g).prev_sample
-    return vae_b(lat / cfg.diffusion.vae_scaling_factor)
+    cond = torch.randn(1, q, c, device=device, dtype=torch.float16, generator=g)
+    lat = cfg.diffusion.default_resolution // cfg.diffusion.vae_scale_factor
+    x = torch.randn(1, 4, lat, lat, device=device, dtype=torch.float16, generator=g)
+    x = loop(unet_b, make_scheduler(cfg.diffusion.scheduler, sampler), cond,
+             torch.zeros_like(cond), guidance, steps, x, g)
+    return decode_latents(vae_b, x, cfg.diffusion.vae_scaling_factor)
 
 
 def time_loop(fn, reps):
@@ -75,6 +84,8 @@ def main(argv=None):
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {BACKENDS}")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--samplers", default="ddpm:50,dpmpp-2m:20,unipc:20",
+                   help="end-to-end loops as sampler:steps (ddpm = the original's; 50 its steps)")
     p.add_argument("--cache-dir", default=None, help="export cache (default ~/.cache/dreamllm_fast)")
     p.add_argument("--autotune", action="store_true", help="Inductor max-autotune (compiled kinds)")
     args = p.parse_args(argv)
@@ -92,6 +103,7 @@ def main(argv=None):
     ehs = torch.randn(2, 64, 1024, device="cuda", dtype=torch.float16)
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
     steps = 5 if args.quick else args.steps
+    loops = [(n, 5 if args.quick else (k or steps)) for n, k in parse_samplers(args.samplers)]
     rows, base = [], {}
     extra = {"dtype": "fp16", "steps": steps, "autotune": args.autotune}
     for name in args.backends.split(","):
@@ -111,18 +123,21 @@ def main(argv=None):
         row["first_call_s"] = time.perf_counter() - t0
         row["unet_ms"], row["unet_p20"], row["unet_p80"] = do_bench(lambda: u(x, t, ehs))
         row["vae_ms"], row["vae_p20"], row["vae_p80"] = do_bench(lambda: v(z))
-        row[f"loop{steps}_ms"] = time_loop(lambda: denoise(cfg, u, v, steps), 1 if args.quick else 3)
+        for sampler, k in loops:  # loop_<sampler><steps>_ms: diffusion + VAE, the T2I image stage
+            row[f"loop_{sampler}{k}_ms"] = time_loop(
+                lambda: denoise(cfg, u, v, k, sampler=sampler), 1 if args.quick else 3)
         if name == "eager":
             base = dict(row)
-        for k in ("unet_ms", "vae_ms", f"loop{steps}_ms"):
+        for k in [c for c in row if c.endswith("_ms")]:
             if k in base:
                 row[k.replace("_ms", "_speedup")] = base[k] / row[k]
         rows.append(row)
         write_results("bench_unet", rows, args.out, extra=extra)
         del u, v
         torch.cuda.empty_cache()
-    print_rows(rows, ["backend", "unet_ms", "unet_speedup", "vae_ms", "vae_speedup",
-                      f"loop{steps}_ms", f"loop{steps}_speedup", "build_s"])
+    loop_cols = [f"loop_{n}{k}_ms" for n, k in loops]
+    print_rows(rows, ["backend", "unet_ms", "unet_speedup", "vae_ms", "vae_speedup", *loop_cols,
+                      "build_s"])
     write_results("bench_unet", rows, args.out, extra=extra)
 
 

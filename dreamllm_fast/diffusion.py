@@ -1,4 +1,4 @@
-"""The image head's sampling loop: DDPM with classifier-free guidance, then VAE decode.
+"""The image head's sampling loop: DDPM (or another sampler) with classifier-free guidance, then VAE decode.
 
 Follows the original (`StableDiffusionHead.pipeline`) and diffusers' StableDiffusionPipeline:
 initial latents are drawn from `generator` first, then each DDPM step draws its variance noise
@@ -8,9 +8,16 @@ eps = eps_u + s * (eps_c - eps_u). Guidance is off when s <= 1, as in diffusers.
 `DiffusionJob` holds one image's state and `denoise_step` advances several jobs with one U-Net
 call (the server batches the images of concurrent requests this way); `denoise` is the one-image
 loop over the same two pieces.
+
+Samplers (`SAMPLERS`): "ddpm" is the original's and the default (the model was trained and
+evaluated with DDPM, 50 steps); "dpmpp-2m" and "unipc" are diffusers' DPMSolverMultistepScheduler
+(DPM-Solver++ 2M) and UniPCMultistepScheduler built from the same SD-2.1 scheduler config, options
+for fewer steps. Multistep samplers keep state between steps (the previous model outputs, the step
+index); it lives in each job's own scheduler instance, so jobs batched together never share it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Sequence
 
@@ -21,11 +28,42 @@ from .errors import InvalidInputError
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_scheduler(scheduler_config: dict):
-    from diffusers import DDPMScheduler
+SAMPLERS = ("ddpm", "dpmpp-2m", "unipc")
+DEFAULT_SAMPLER = "ddpm"
 
-    # from_config drops the PNDM-only keys of SD-2.1's scheduler config, as from_pretrained does.
-    return DDPMScheduler.from_config(scheduler_config)
+
+def check_sampler(sampler) -> str:
+    if sampler not in SAMPLERS:
+        raise InvalidInputError(f"sampler must be one of {SAMPLERS} (default {DEFAULT_SAMPLER!r}, "
+                                f"the original's), got {sampler!r}")
+    return sampler
+
+
+def make_scheduler(scheduler_config: dict, sampler: str = DEFAULT_SAMPLER):
+    """A fresh diffusers scheduler of `sampler` configured from the model's scheduler config.
+
+    from_config drops the keys a class does not know (SD-2.1's config is a PNDM one), as
+    from_pretrained does; the betas, timestep spacing and prediction type carry over.
+    """
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cls = {"ddpm": DDPMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler,
+           "unipc": UniPCMultistepScheduler}[check_sampler(sampler)]
+    # DPMSolverMultistepScheduler's defaults are DPM-Solver++ of order 2 ("2M"); stated, not implied.
+    extra = dict(algorithm_type="dpmsolver++", solver_order=2) if sampler == "dpmpp-2m" else {}
+    return cls.from_config(scheduler_config, **extra)
+
+
+def sampler_of(scheduler) -> str:
+    """The `SAMPLERS` name of a scheduler built by `make_scheduler`."""
+    name = type(scheduler).__name__
+    return {"DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
+            "UniPCMultistepScheduler": "unipc"}.get(name, name)
+
+
+def _takes_generator(scheduler) -> bool:
+    """diffusers' pipelines pass `generator` to step() only when it takes one (UniPC does not)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 def check_diffusion_args(num_inference_steps, guidance_scale, num_train_timesteps: int) -> None:
@@ -55,10 +93,11 @@ def prepare_latents(shape, dtype, device, generator, latents: Optional[torch.Ten
 
 
 class DiffusionJob:
-    """One image's DDPM + CFG state, advanced one step at a time, alone or beside other jobs.
+    """One image's sampler + CFG state, advanced one step at a time, alone or beside other jobs.
 
     cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise); `scheduler`: this job's own
-    DDPMScheduler (its timesteps follow its own step count). Every job keeps its own guidance
+    scheduler instance from `make_scheduler` (its timesteps follow its own step count; a multistep
+    sampler's history of model outputs lives in it, so it must not be shared between jobs). Every job keeps its own guidance
     scale and generator, so a server can batch the U-Net calls of images at different steps,
     with different settings and seeds (`denoise_step`), and each image equals its solo run.
     """
@@ -67,6 +106,8 @@ class DiffusionJob:
                  guidance_scale: float, num_inference_steps: int, latents: torch.Tensor,
                  generator: Optional[torch.Generator] = None):
         self.scheduler = scheduler
+        self.sampler = sampler_of(scheduler)
+        self._step_kwargs = dict(generator=generator) if _takes_generator(scheduler) else {}
         self.guidance_scale = guidance_scale
         self.generator = generator
         self.do_cfg = guidance_scale > 1.0 and uncond is not None
@@ -91,21 +132,22 @@ class DiffusionJob:
         return self.scheduler.scale_model_input(x, self.timesteps[self.index])
 
     def apply(self, eps: torch.Tensor) -> None:
-        """This job's rows of the U-Net output -> guidance -> one DDPM step (its own noise)."""
+        """This job's rows of the U-Net output -> guidance -> one sampler step (its own noise)."""
         if self.do_cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + self.guidance_scale * (eps_c - eps_u)
         # the host copy of t: DDPMScheduler.step branches on t and indexes its CPU alphas with
-        # it, which with a device tensor costs a host sync per branch (same values either way)
+        # it, which with a device tensor costs a host sync per branch (same values either way;
+        # the multistep schedulers look t up in their timesteps once, on their first step)
         t = self.host_timesteps[self.index]
-        self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator,
+        self.latents = self.scheduler.step(eps, t, self.latents, **self._step_kwargs,
                                            return_dict=False)[0]
         self.index += 1
 
 
 @torch.no_grad()
 def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
-    """One U-Net call for every job (same latent shape and dtype), then each job's DDPM step.
+    """One U-Net call for every job (same latent shape and dtype), then each job's sampler step.
 
     Rows are laid out job after job, each as [uncond; cond] (or cond alone), with each job's own
     timestep per row; when all jobs sit at the same timestep it is passed as one scalar, exactly

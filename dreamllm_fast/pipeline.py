@@ -25,8 +25,8 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import EngineConfig, Precision, SpecialTokens, WeightFormat
-from .diffusion import (check_diffusion_args, decode_latents, denoise, make_scheduler,
-                        prepare_latents, to_pil)
+from .diffusion import (DEFAULT_SAMPLER, check_diffusion_args, check_sampler, decode_latents,
+                        denoise, make_scheduler, prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
 from .prompt import Prompt, PromptBuilder
@@ -288,11 +288,14 @@ class DreamLLMPipeline:
                       negative_prompt=None, generator: Optional[torch.Generator] = None,
                       latents: Optional[torch.Tensor] = None, output_type: str = "pil",
                       num_images_per_prompt: int = 1, height: Optional[int] = None,
-                      width: Optional[int] = None, progress: Optional[bool] = None):
+                      width: Optional[int] = None, progress: Optional[bool] = None,
+                      sampler: str = DEFAULT_SAMPLER):
         """Generate images. output_type "pil" -> list of PIL images; "pt" -> [B, 3, H, W] in [0, 1].
 
         Randomness follows diffusers: initial latents from `generator` first, then each DDPM
-        step's noise from the same generator.
+        step's noise from the same generator. sampler: "ddpm" (the original's, the default),
+        "dpmpp-2m" or "unipc" (diffusers' multistep schedulers: fewer steps, not the model's
+        evaluated setting; see the README).
         """
         with self._call():
             if output_type not in ("pil", "pt"):
@@ -302,12 +305,13 @@ class DreamLLMPipeline:
                     f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
             check_diffusion_args(num_inference_steps, guidance_scale,
                                  self.config.diffusion.scheduler["num_train_timesteps"])
+            check_sampler(sampler)
             shape = self._latent_shape(height, width)
             cond, uncond = self._encode_condition(prompt, negative_prompt)
             cond = cond.repeat_interleave(num_images_per_prompt, 0)
             uncond = uncond.repeat_interleave(num_images_per_prompt, 0)
             images = self._diffuse(cond, uncond, guidance_scale, num_inference_steps, generator,
-                                   latents, shape, progress)
+                                   latents, shape, progress, sampler)
             return images if output_type == "pt" else to_pil(images)
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
@@ -324,14 +328,15 @@ class DreamLLMPipeline:
                 raise InvalidInputError(f"{name} must be a positive multiple of {f}, got {v!r}")
         return d.latent_channels, h // f, w // f
 
-    def _diffuse(self, cond, uncond, guidance_scale, steps, generator, latents, shape, progress):
+    def _diffuse(self, cond, uncond, guidance_scale, steps, generator, latents, shape, progress,
+                 sampler: str = DEFAULT_SAMPLER):
         """[B, Q, C] conditions -> images [B, 3, H, W] in [0, 1]."""
         d = self.config.diffusion
         with self._step("diffuse"):
             lat = prepare_latents((cond.shape[0],) + tuple(shape), cond.dtype, self.model.device,
                                   generator, latents)
-            lat = denoise(self.unet, make_scheduler(d.scheduler), cond, uncond, guidance_scale,
-                          steps, lat, generator,
+            lat = denoise(self.unet, make_scheduler(d.scheduler, sampler), cond, uncond,
+                          guidance_scale, steps, lat, generator,
                           progress=self.progress if progress is None else progress)
         with self._step("decode_latents"):
             return decode_latents(self.vae_decode, lat, d.vae_scaling_factor)
@@ -420,7 +425,7 @@ class DreamLLMPipeline:
         uncond = opts["uncond"]
         images = self._diffuse(cond[None], uncond[None], opts["guidance_scale"],
                                opts["num_inference_steps"], generator, None,
-                               self._latent_shape(None, None), None)
+                               self._latent_shape(None, None), None, opts["sampler"])
         pil = to_pil(images)[0]
         with self._step("encode"):
             feats = self.model.encode_images(self.preprocess([pil]))[0]
@@ -433,7 +438,8 @@ class DreamLLMPipeline:
     def generate(self, messages: Sequence[dict], max_new_tokens: int = 512, max_images: int = 4,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> list:
+                 top_k: int = 0, generator: Optional[torch.Generator] = None,
+                 sampler: str = DEFAULT_SAMPLER) -> list:
         """An interleaved answer: a list of text strings and PIL images, in order.
 
         Whenever the model emits `<dream_start>`, the dream queries are appended to the live
@@ -442,29 +448,33 @@ class DreamLLMPipeline:
         """
         sp = self._sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         return self._interleave(self.prompts.chat(messages), sp, max_images, num_inference_steps,
-                                guidance_scale, negative_prompt, generator, "the generate request")
+                                guidance_scale, negative_prompt, generator, "the generate request",
+                                sampler)
 
     def complete(self, content, max_new_tokens: int = 128, max_images: int = 4,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> list:
+                 top_k: int = 0, generator: Optional[torch.Generator] = None,
+                 sampler: str = DEFAULT_SAMPLER) -> list:
         """Raw continuation of `<s>` + content, without the chat template (in-context few-shot:
         "<img> This is a Welsh Corgi. <img> This is a Koala. <img> This is"). Returns the same
         list of texts and images as `generate`."""
         sp = self._sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         return self._interleave(self.prompts.raw(content), sp, max_images, num_inference_steps,
-                                guidance_scale, negative_prompt, generator, "the completion")
+                                guidance_scale, negative_prompt, generator, "the completion", sampler)
 
     def _interleave(self, prompt, sp, max_images, steps, guidance_scale, negative_prompt,
-                    generator, what) -> list:
+                    generator, what, sampler: str = DEFAULT_SAMPLER) -> list:
         if not isinstance(max_images, int) or max_images < 0:
             raise InvalidInputError(f"max_images must be an integer >= 0, got {max_images!r}")
         check_diffusion_args(steps, guidance_scale,
                              self.config.diffusion.scheduler["num_train_timesteps"])
+        check_sampler(sampler)
         self.prompts.check_fits(prompt, sp.max_new_tokens, self.max_len, what)
         negative = None if negative_prompt is None else self._t2i_prompt(negative_prompt)
         opts = dict(max_images=max_images, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, negative_prompt=negative, uncond=None)
+                    guidance_scale=guidance_scale, negative_prompt=negative, uncond=None,
+                    sampler=sampler)
         out: list = []
         with self._call():
             for piece in self._decode_text(prompt, sp, generator,

@@ -495,7 +495,8 @@ class BatchedScheduler(WorkerScheduler):
         pipe, o = self._pipe, c.req.request.image
         uncond = c.req.uncond if c.req.uncond is not None else pipe.uncond_condition(None)
         lat = prepare_latents((1,) + tuple(shape), cond.dtype, pipe.model.device, c.generator, None)
-        job = DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler), cond[None], uncond[None],
+        job = DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler, o.sampler),
+                           cond[None], uncond[None],
                            o.guidance_scale, o.num_inference_steps, lat, c.generator)
         self._images.append((c, job))
         c.phase = "diffuse"

@@ -15,7 +15,8 @@ Mapping to the model:
   device); without a seed each request draws a fresh one.
 - ``"modalities": ["text", "image"]`` asks for an interleaved answer; its content is a list of
   ``text`` and ``image_url`` (PNG data URL) parts, in order. Extensions for its images:
-  ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``max_images``.
+  ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``max_images``, ``sampler``
+  ("ddpm", the default and the original's, "dpmpp-2m" or "unipc"; also on image requests).
 """
 from __future__ import annotations
 
@@ -115,6 +116,7 @@ class ChatCompletionRequest(_Strict):
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
     max_images: Optional[int] = Field(None, ge=0)
+    sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
 
 
 class ImageGenerationRequest(_Strict):
@@ -130,6 +132,7 @@ class ImageGenerationRequest(_Strict):
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
     seed: Optional[int] = None
+    sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
 
 
 # name -> (values that mean "off" and are accepted, why anything else is refused)
@@ -215,7 +218,8 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
     except InvalidInputError as e:
         raise ApiError(400, str(e)) from None
     if not interleaved:
-        for name in ("num_inference_steps", "guidance_scale", "negative_prompt", "max_images"):
+        for name in ("num_inference_steps", "guidance_scale", "negative_prompt", "max_images",
+                     "sampler"):
             if getattr(body, name) is not None:
                 raise ApiError(400, f"{name} applies to interleaved answers only: add "
                                     f"\"modalities\": [\"text\", \"image\"]", param=name)
@@ -248,7 +252,8 @@ def _image_options(body, cfg: ServeConfig) -> ImageOptions:
     return ImageOptions(num_inference_steps=pick(body.num_inference_steps, cfg.num_inference_steps),
                         guidance_scale=pick(body.guidance_scale, cfg.guidance_scale),
                         negative_prompt=body.negative_prompt,
-                        max_images=pick(getattr(body, "max_images", None), cfg.max_images))
+                        max_images=pick(getattr(body, "max_images", None), cfg.max_images),
+                        sampler=pick(body.sampler, "ddpm"))
 
 
 def _seeds(seed: Optional[int], n: int) -> list[int]:

@@ -65,6 +65,7 @@ class ImageOptions:
     negative_prompt: Optional[str] = None
     max_images: int = 4  # interleaved answers only
     size: Optional[tuple[int, int]] = None  # (width, height); None: the model's default
+    sampler: str = "ddpm"  # diffusion.SAMPLERS; ddpm is the original's
 
 
 @dataclass

@@ -210,7 +210,7 @@ class SequentialScheduler(WorkerScheduler):
                             num_inference_steps=o.num_inference_steps,
                             guidance_scale=o.guidance_scale, negative_prompt=o.negative_prompt,
                             do_sample=sp.do_sample, temperature=sp.temperature, top_p=sp.top_p,
-                            top_k=sp.top_k, generator=g)
+                            top_k=sp.top_k, generator=g, sampler=o.sampler)
         stop = StopStrings(req.stop)
         reason = None
         for item in doc:
@@ -231,7 +231,7 @@ class SequentialScheduler(WorkerScheduler):
         image = pipe.text_to_image(req.prompt, num_inference_steps=o.num_inference_steps,
                                    guidance_scale=o.guidance_scale,
                                    negative_prompt=o.negative_prompt, generator=g, height=h,
-                                   width=w, progress=False)[0]
+                                   width=w, progress=False, sampler=o.sampler)[0]
         handle.emit(ImageResult(i, image))
         self._counters["images"] += 1
         self._counters["prompt_tokens"] += handle.prompt_tokens

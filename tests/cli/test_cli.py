@@ -71,3 +71,25 @@ def test_errors_are_one_line_and_exit_2(tmp_path, tiny_ckpt, capsys):
         assert main([*argv, "--device", "cpu"]) == 2  # any other exception would fail the test
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_t2i_sampler_flag(tmp_path, tiny_ckpt, monkeypatch):
+    """--sampler reaches text_to_image (default ddpm); an unknown name is an argparse error."""
+    from dreamllm_fast.pipeline import DreamLLMPipeline
+
+    seen = []
+    orig = DreamLLMPipeline.text_to_image
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("sampler"))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(DreamLLMPipeline, "text_to_image", spy)
+    png = tmp_path / "s.png"
+    for extra in ([], ["--sampler", "dpmpp-2m"]):
+        assert main(["t2i", "-c", str(tiny_ckpt), "a cat", "--steps", "2", "--out", str(png),
+                     "--device", "cpu", *extra]) == 0
+    assert seen == ["ddpm", "dpmpp-2m"] and png.is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["t2i", "-c", str(tiny_ckpt), "a cat", "--sampler", "euler"])
+    assert e.value.code == 2
