@@ -6,8 +6,12 @@ says so instead of being silently ignored (`UNSUPPORTED`). Only their neutral va
 ``logprobs: false``, ``frequency_penalty: 0``).
 
 Mapping to the model:
-- ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1). ``top_p`` and the
-  extension ``top_k`` filter the distribution.
+- ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1; its range, [0, 2]).
+  ``top_p`` and the extension ``top_k`` filter the distribution (``top_k`` 0 or vLLM's -1: off).
+- Every number is bounded here, at parse time, to what the engine takes (`INT32_MAX` for counts,
+  int64 for ``seed``, as OpenAI and vLLM), so no admitted request can fail a shared step with an
+  overflow; settings that depend on the model (the diffusion steps, image sizes, the context)
+  are checked by the scheduler's `submit` before queueing.
 - System messages: the "vicuna_v1.1" template the model was tuned on has one system prompt, at the
   start. Leading system (or ``developer``) messages are joined with newlines and replace the
   default system prompt; a system message after the conversation started is refused (400).
@@ -19,6 +23,7 @@ Mapping to the model:
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -62,6 +67,11 @@ class ApiError(Exception):
 
 
 # -- request models --------------------------------------------------------------------------------
+INT32_MAX = 2**31 - 1  # counts (top_k, n, max_tokens, steps): the kernels take them as int32/int64
+Count = Annotated[int, Field(le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]  # int64, as OpenAI and vLLM
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -86,7 +96,8 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    # OpenAI refuses an empty content array ("minimum length 1")
+    content: Union[str, Annotated[list[ContentPart], Field(min_length=1)], None] = None
     name: Optional[str] = None  # accepted, not used by the template
 
 
@@ -97,39 +108,39 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
+    max_tokens: Optional[Count] = Field(None, ge=1)
+    max_completion_tokens: Optional[Count] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)  # extension (vLLM's name)
-    seed: Optional[int] = None
+    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
+    seed: Optional[Seed] = None
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1)
+    n: Optional[Count] = Field(None, ge=1)
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     modalities: Optional[list[Literal["text", "image"]]] = None
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     # extensions for the images of an interleaved answer
-    num_inference_steps: Optional[int] = Field(None, ge=1)
+    num_inference_steps: Optional[Count] = Field(None, ge=1)
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
-    max_images: Optional[int] = Field(None, ge=0)
+    max_images: Optional[Count] = Field(None, ge=0)
 
 
 class ImageGenerationRequest(_Strict):
     prompt: str = Field(min_length=1)
     model: Optional[str] = None
-    n: Optional[int] = Field(None, ge=1)
+    n: Optional[Count] = Field(None, ge=1)
     size: Optional[str] = None
     response_format: Optional[Literal["b64_json", "url"]] = None
     output_format: Optional[Literal["png"]] = None
     user: Optional[str] = None
     # extensions (the DDPM sampler of the model's image head)
-    num_inference_steps: Optional[int] = Field(None, ge=1)
+    num_inference_steps: Optional[Count] = Field(None, ge=1)
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
 
 
 # name -> (values that mean "off" and are accepted, why anything else is refused)
@@ -162,6 +173,54 @@ UNSUPPORTED_IMAGES: dict[str, tuple[tuple, str]] = {
     "moderation": ((None, "auto", "low"), ""),
     "output_compression": ((None, 100), f"output_compression {_NO} (PNG only)"),
 }
+
+
+_JSON_TYPES = ("application/json",)
+
+
+def decode_json_body(raw: bytes, content_type: Optional[str]) -> Any:
+    """The request body -> a Python object, or ApiError(400).
+
+    Content-Type must be JSON (application/json or a ``+json`` type) when it is sent; a body
+    without one is read as JSON (``curl -d`` sends a form type, which is refused with the fix in
+    the message). Strings must be valid Unicode: JSON lets ``"\\ud800"`` name a lone UTF-16
+    surrogate, which no tokenizer takes, so it is refused here with its place."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+        raise ApiError(400, f"Content-Type {ctype!r} is not supported: send the body as JSON with "
+                            f"'Content-Type: application/json'")
+    if not raw:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    where = _bad_unicode(obj, "")
+    if where is not None:
+        raise ApiError(400, f"{where or 'the body'}: the string holds a lone UTF-16 surrogate "
+                            f"(e.g. \\ud800 without its pair); send valid Unicode",
+                       param=where or None)
+    return obj
+
+
+def _bad_unicode(obj: Any, path: str) -> Optional[str]:
+    """The dotted path of the first string (or key) that is not encodable as UTF-8, else None."""
+    stack = [(obj, path)]
+    while stack:
+        o, p = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                q = f"{p}.{k}" if p else str(k)
+                stack.append((k, q))
+                stack.append((v, q))
+        elif isinstance(o, list):
+            stack.extend((v, f"{p}.{i}" if p else str(i)) for i, v in enumerate(o))
+    return None
 
 
 def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
@@ -211,7 +270,7 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
         sampling = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
-            top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p)
+            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
     except InvalidInputError as e:
         raise ApiError(400, str(e)) from None
     if not interleaved:
@@ -253,8 +312,8 @@ def _image_options(body, cfg: ServeConfig) -> ImageOptions:
 
 def _seeds(seed: Optional[int], n: int) -> list[int]:
     base = secrets.randbelow(2**62) if seed is None else seed
-    if not -2**63 <= base < 2**64:
-        raise ApiError(400, "seed must fit in 64 bits", param="seed")
+    if not -2**63 <= base < 2**63:
+        raise ApiError(400, "seed must be a 64-bit signed integer", param="seed")
     return [(base + i) % 2**64 for i in range(n)]  # Generator.manual_seed takes any 64-bit value
 
 
@@ -297,6 +356,9 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]
                                    param=f"messages.{i}.content.{j}.image_url",
                                    code="invalid_image") from None
         out.append({"role": m.role, "content": content})
+    if not out:
+        raise ApiError(400, "messages holds only system messages; add a user message (the model "
+                            "answers the last user message)", param="messages")
     if system:
         out.insert(0, {"role": "system", "content": "\n".join(system)})
     return out

@@ -6,7 +6,9 @@ request into a `GenerationRequest`, hands it to `Scheduler.submit`, and reads th
 
     TextDelta(index, text)            a piece of choice `index`'s text (already stop-string safe)
     ImageResult(index, image)         a whole PIL image of choice `index` (interleaved or images)
-    ChoiceDone(index, finish_reason, completion_tokens)   choice `index` is complete
+    ChoiceDone(index, finish_reason, completion_tokens, text)   choice `index` is complete;
+                                      `text`: its last piece, if any (streamed with the
+                                      finish_reason, as vLLM's last chunk carries it)
     RequestFailed(error)              the whole request failed; nothing follows
 
 Two schedulers implement it: `SequentialScheduler` (sequential.py: one request at a time through
@@ -109,6 +111,7 @@ class ChoiceDone:
     index: int
     finish_reason: Literal["stop", "length", "cancelled"]
     completion_tokens: int
+    text: str = ""
 
 
 @dataclass(frozen=True)
