@@ -137,7 +137,9 @@ class BatchedScheduler(WorkerScheduler):
         handle._on_cancel = lambda h: self._on_cancel(req)
         with self._cv:
             self._check_ready(closing_first=True)  # the worker may have stopped since
-            if len(self._queue) >= self.max_queue:
+            # queued requests that free KV slots will take at the worker's next admission are
+            # not waiting: a burst of max_queue + max_batch is served, not refused
+            if len(self._queue) >= self.max_queue + max(0, self._free_slots()):
                 self._count("rejected")
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1) / self.max_batch)
                 raise QueueFullError(

@@ -48,6 +48,9 @@ class ServeConfig:
     media: MediaLimits = field(default_factory=MediaLimits)
     max_n: int = 8
     max_stop: int = 4  # OpenAI's limit on stop strings
+    # OpenAI's range is [0, 2]; a library user may open it (the tiny test model's logits are so
+    # peaked that T <= 2 samples its greedy text, so the sampling tests use T = 8)
+    max_temperature: float = 2.0
     # Defaults of the images of interleaved answers and /v1/images/generations (the original's
     # text-to-image function: 50 DDPM steps, guidance 7.5; dreamllm.md §1.5).
     num_inference_steps: int = 50
@@ -110,7 +113,7 @@ class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[Count] = Field(None, ge=1)
     max_completion_tokens: Optional[Count] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
+    temperature: Optional[float] = Field(None, ge=0)  # <= ServeConfig.max_temperature
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
     seed: Optional[Seed] = None
@@ -196,7 +199,8 @@ def decode_json_body(raw: bytes, content_type: Optional[str]) -> Any:
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     where = _bad_unicode(obj, "")
-    if where is not None:
+    if where is not None:  # the path itself may hold the surrogate (a key): escape it
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
         raise ApiError(400, f"{where or 'the body'}: the string holds a lone UTF-16 surrogate "
                             f"(e.g. \\ud800 without its pair); send valid Unicode",
                        param=where or None)
@@ -266,6 +270,9 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
         raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
     messages = await _messages(body.messages, cfg, client)
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature > cfg.max_temperature:
+        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
+                            f"{temperature:g}", param="temperature")
     try:
         sampling = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0,

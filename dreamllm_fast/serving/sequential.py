@@ -79,7 +79,8 @@ class SequentialScheduler(WorkerScheduler):
         handle._on_cancel = self._dequeue
         with self._cv:
             self._check_ready(closing_first=True)  # the worker may have stopped since
-            if len(self._queue) >= self.max_queue:
+            # the head of the queue is not waiting when the worker is free to take it
+            if len(self._queue) >= self.max_queue + (self._running is None):
                 self._counters["rejected"] += 1
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
                 raise QueueFullError(
