@@ -133,7 +133,9 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         body = parse_body(await _json(request), ChatCompletionRequest, UNSUPPORTED_CHAT)
         check_model(body.model)
         sched = ready(request)
-        handle = await _submit(sched, await chat_request(body, cfg, request.app.state.http_client))
+        gen = await chat_request(body, cfg, request.app.state.http_client,
+                                 context=(sched.max_context, sched.image_tokens))
+        handle = await _submit(sched, gen)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
             return _EventStream(_stream_chat(handle, body, cfg, metrics, t0), headers=headers)

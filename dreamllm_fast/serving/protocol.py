@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidInputError
 from ..sampling import SamplingParams
-from .media import MediaLimits, load_image_url, parse_size, png_b64, png_data_url
+from .media import MediaLimits, decode_image, image_bytes, parse_size, png_b64, png_data_url
 from .scheduler import GenerationRequest, ImageOptions
 
 
@@ -248,8 +248,12 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
 
 
 # -- into the engine's terms -----------------------------------------------------------------------
-async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None) -> GenerationRequest:
-    """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images."""
+async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None,
+                       context: Optional[tuple[int, int]] = None) -> GenerationRequest:
+    """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images.
+
+    context: (the model's context in tokens, tokens per input image) when known (the scheduler
+    is ready): the image count is checked against it before any image is decoded."""
     n = body.n or 1
     if n > cfg.max_n:
         raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
@@ -268,7 +272,7 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > cfg.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
-    messages = await _messages(body.messages, cfg, client)
+    messages = await _messages(body.messages, cfg, client, context)
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature > cfg.max_temperature:
         raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
@@ -324,11 +328,45 @@ def _seeds(seed: Optional[int], n: int) -> list[int]:
     return [(base + i) % 2**64 for i in range(n)]  # Generator.manual_seed takes any 64-bit value
 
 
-async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]:
-    """OpenAI messages -> pipeline messages: {"role", "content": [str | PIL.Image, ...]}."""
+def max_input_images(limits: MediaLimits, context: Optional[tuple[int, int]]) -> int:
+    """Images a request may carry: --max-input-images, else as many as fit the context beside
+    the BOS token ((context - 1) // tokens per image: 7 at 2048 tokens and 258 per image), else
+    (context unknown) 8."""
+    if limits.max_images is not None:
+        return limits.max_images
+    if context and context[0] > 0 and context[1] > 0:
+        return (context[0] - 1) // context[1]
+    return 8
+
+
+def check_image_count(n: int, limits: MediaLimits, context: Optional[tuple[int, int]],
+                      param: str = "messages") -> None:
+    """Refuse, before any image is decoded, more images than allowed or than fit the context."""
+    if context and context[0] > 0 and context[1] > 0 and 1 + n * context[1] > context[0]:
+        raise ApiError(400, f"This model's maximum context length is {context[0]} tokens. "
+                            f"However, the {n} images take {n * context[1]} tokens ({context[1]} "
+                            f"each) before any text. Pass fewer images.", param=param,
+                       code="context_length_exceeded")
+    limit = max_input_images(limits, context)
+    if n > limit:
+        raise ApiError(400, f"at most {limit} images per request (--max-input-images), got {n}",
+                       param=param)
+
+
+async def _messages(msgs: list[Message], cfg: ServeConfig, client,
+                    context: Optional[tuple[int, int]] = None) -> list[dict]:
+    """OpenAI messages -> pipeline messages: {"role", "content": [str | PIL.Image, ...]}.
+
+    Images in three passes, so a request's memory is bounded before anything is decoded: count
+    (against --max-input-images and the context), read and check every header, then decode."""
+    import anyio
+
+    n_images = sum(1 for m in msgs if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, ImagePart))
+    check_image_count(n_images, cfg.media, context)
     system: list[str] = []
     out: list[dict] = []
-    n_images = 0
+    encoded: list[tuple] = []  # (content list, position, bytes, i, j): decoded after the loop
     for i, m in enumerate(msgs):
         if m.role in ("system", "developer"):
             if out:
@@ -352,23 +390,29 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]
             elif isinstance(p, TextPart):
                 content.append(p.text)
             else:
-                n_images += 1
-                if n_images > cfg.media.max_images:
-                    raise ApiError(400, f"at most {cfg.media.max_images} images per request",
-                                   param=f"messages.{i}.content.{j}")
                 try:
-                    content.append(await load_image_url(p.image_url.url, cfg.media, client))
+                    data = await image_bytes(p.image_url.url, cfg.media, client)
                 except InvalidInputError as e:
-                    raise ApiError(400, f"messages[{i}].content[{j}]: {e}",
-                                   param=f"messages.{i}.content.{j}.image_url",
-                                   code="invalid_image") from None
+                    raise _image_error(i, j, e) from None
+                encoded.append((content, len(content), data, i, j))
+                content.append(None)  # decoded below, once every header passed
         out.append({"role": m.role, "content": content})
+    for content, k, data, i, j in encoded:
+        try:
+            content[k] = await anyio.to_thread.run_sync(decode_image, data, cfg.media)
+        except InvalidInputError as e:
+            raise _image_error(i, j, e) from None
     if not out:
         raise ApiError(400, "messages holds only system messages; add a user message (the model "
                             "answers the last user message)", param="messages")
     if system:
         out.insert(0, {"role": "system", "content": "\n".join(system)})
     return out
+
+
+def _image_error(i: int, j: int, e: Exception) -> ApiError:
+    return ApiError(400, f"messages[{i}].content[{j}]: {e}",
+                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image")
 
 
 # -- responses -------------------------------------------------------------------------------------

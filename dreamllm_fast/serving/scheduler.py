@@ -298,6 +298,11 @@ class Scheduler(abc.ABC):
     def max_context(self) -> int:
         """The model's context in tokens (valid once ready)."""
 
+    @property
+    def image_tokens(self) -> int:
+        """Prompt tokens one input image takes (its span), valid once ready; 0: unknown."""
+        return 0
+
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Block until ready (or failed, or timeout); returns `health().ready`."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -336,6 +341,10 @@ class WorkerScheduler(Scheduler):
     @property
     def max_context(self) -> int:
         return self._pipe.max_len if self._pipe is not None else 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self._pipe.config.image_span_len if self._pipe is not None else 0
 
     @property
     def pipeline(self):
