@@ -305,7 +305,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="encoded size limit per image (MiB)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="pixel limit per input image, checked on the header before decoding")
-    p.add_argument("--max-input-images", type=int, default=8, help="input images per request")
+    p.add_argument("--max-input-images", type=int, default=None,
+                   help="input images per request (default: as many as fit the context, 7 at "
+                        "2048 tokens; the count is checked before any image is decoded)")
     p.add_argument("--allow-image-host", action="append", metavar="HOST[:PORT]",
                    help="fetch http(s) image URLs from this host (repeatable; default: none, "
                         "data: URLs only)")

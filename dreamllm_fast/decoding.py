@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .devices import device_failed
 from .detokenize import IncrementalDetokenizer, tokenizer_info
 from .errors import InvalidInputError
 from .sampling import SamplingParams, SamplingRows, sample_next
@@ -53,7 +54,8 @@ class Sequence:
     """One generation: a session plus everything the loop tracks about it."""
 
     __slots__ = ("session", "params", "seed", "stop_ids", "pause_ids", "max_new_tokens", "detok",
-                 "token_ids", "cached", "state", "finish_reason", "tag", "logits", "_pending")
+                 "token_ids", "cached", "state", "finish_reason", "tag", "logits", "error",
+                 "_pending")
 
     def __init__(self, session, params: SamplingParams, seed: int, stop_ids: Iterable[int],
                  pause_ids: Iterable[int], max_new_tokens: int, detok, tag: Any = None):
@@ -70,6 +72,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.tag = tag
         self.logits: Optional[list] = None  # per accepted token, when the loop records logits
+        self.error: Optional[BaseException] = None  # why it finished with reason "error"
         self._pending: Optional[torch.Tensor] = None  # [V] logits to draw the next token from
 
     @property
@@ -173,19 +176,81 @@ class DecodeLoop:
     def step(self) -> list[Event]:
         """One decode step over the running sequences (plus first tokens of waiting ones).
 
-        On an exception every sequence ends with reason "error", the backend's batch is let go
-        (nothing committed: close the sessions) and the exception propagates; the loop and the
-        backend stay usable.
+        When the step raises a Python-level error (not one that leaves the device unusable:
+        `devices.device_failed`) and several sequences were in it, the loop looks for the ones
+        that caused it (`_isolate`): each alone is tried on the committed state, and those
+        whose own step raises finish with reason "error" (`seq.error` holds the exception);
+        the others go on from where they were, with the tokens they would have drawn anyway
+        (a token is a function of the cache, the previous token, the seed and the position).
+        Otherwise (one sequence, no culprit found, a device error) every sequence ends with
+        reason "error", the backend's batch is let go (nothing committed: close the sessions)
+        and the exception propagates; the loop and the backend stay usable.
         """
         carried = list(self._carry)
+        events: list[Event] = []
         try:
-            return self._step()
-        except BaseException:
+            return self._step(events)
+        except Exception as e:
+            if not device_failed(e) and self._isolate(e, events):
+                self._forget_finished()
+                return events
             # events drained before this step (a `finish` of a batch-mate) describe work that
             # happened: they come with the next step() (`has_events`), not lost with this one
             self._carry = carried
             self._fail()
             raise
+        except BaseException:
+            self._carry = carried
+            self._fail()
+            raise
+
+    def _isolate(self, error: Exception, events: list) -> bool:
+        """After a failed step: commit what was accepted, try each live sequence alone, end the
+        ones whose own step raises. True when some but not all were culprits (the step's other
+        sequences go on); False to fail them all."""
+        live = [s for s in self.seqs if s.state in (State.WAITING, State.RUNNING)]
+        if len(live) < 2:
+            return False
+        if self._batch is not None:
+            try:  # rows keep the steps they accepted; steps in flight are discarded (re-run)
+                self._batch.close([s.cached for s in self._batch_seqs])
+            except Exception:  # noqa: BLE001 - the batch cannot be committed: fail them all
+                return False
+            self._batch, self._batch_seqs, self._dirty = None, [], False
+        culprits = []
+        for s in live:
+            try:
+                self._try_alone(s)
+            except Exception as e:  # noqa: BLE001 - this sequence's own step fails
+                if device_failed(e):
+                    raise
+                culprits.append((s, e))
+        if not culprits or len(culprits) == len(live):
+            return False
+        for s, e in culprits:
+            s.error = e
+            s._pending = None
+            self._end(s, State.FINISHED, None, events, "error")
+        return True
+
+    def _try_alone(self, s: Sequence) -> None:
+        """The sequence's next draw on its own, thrown away: its first token's draw (waiting), or
+        one decode step of a batch of it alone, closed without committing (the K/V it wrote lie
+        at the committed length, where the real step writes the same values)."""
+        if s.state is State.WAITING:
+            logits = s._pending.float()[None]
+            rows = SamplingRows.of([s.params], [s.seed], logits.device)
+            pos = torch.tensor([s.cached], dtype=torch.int64, device=logits.device)
+            sample_next(logits, rows, pos, greedy_only=s.params.greedy)
+            return
+        b = self.model.decode_batch([s.session], [s.token_ids[-1]], [s.params], [s.seed])
+        try:
+            b.launch()
+            b.result()
+        except BaseException:
+            b.abort()
+            raise
+        b.close([s.cached])
 
     @property
     def has_events(self) -> bool:
@@ -202,8 +267,9 @@ class DecodeLoop:
         if b is not None:
             b.abort()
 
-    def _step(self) -> list[Event]:
-        events, self._carry = self._carry, []
+    def _step(self, events: list) -> list[Event]:
+        events.extend(self._carry)
+        self._carry = []
         if any(s.state is State.WAITING for s in self.seqs):
             self._admit(events)
         if self._dirty and self._batch is not None:

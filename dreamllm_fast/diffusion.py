@@ -17,7 +17,9 @@ index); it lives in each job's own scheduler instance, so jobs batched together 
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
 from typing import Callable, Optional, Sequence
 
@@ -66,12 +68,34 @@ def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
-def check_diffusion_args(num_inference_steps, guidance_scale, num_train_timesteps: int) -> None:
+@functools.lru_cache(maxsize=8)
+def _max_steps(config_json: str) -> int:
+    sched = make_scheduler(json.loads(config_json))
+    T = int(sched.config.num_train_timesteps)
+    for n in range(1, T + 1):
+        sched.set_timesteps(n)
+        ts = sched.timesteps
+        if int(ts.max()) >= T or int(ts.min()) < 0:
+            return n - 1
+    return T
+
+
+def max_inference_steps(scheduler_config: dict) -> int:
+    """The most DDPM steps this scheduler config can take: the largest N such that every step
+    count in [1, N] gives timesteps inside [0, num_train_timesteps). With SD-2.1's "leading"
+    spacing and steps_offset 1, N = 999: 1000 steps would ask for timestep 1000 and fail with an
+    IndexError inside the scheduler (found by a hostile-client audit). Computed once per config
+    (1000 `set_timesteps` calls: ~12 ms on a CPU)."""
+    return _max_steps(json.dumps(scheduler_config, sort_keys=True, default=str))
+
+
+def check_diffusion_args(num_inference_steps, guidance_scale, max_steps: int) -> None:
+    """max_steps: `max_inference_steps(scheduler_config)`."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-            or not 1 <= num_inference_steps <= num_train_timesteps:
+            or not 1 <= num_inference_steps <= max_steps:
         raise InvalidInputError(
-            f"num_inference_steps must be an integer in [1, {num_train_timesteps}], got "
-            f"{num_inference_steps!r}"
+            f"num_inference_steps must be an integer in [1, {max_steps}] for this model's "
+            f"scheduler, got {num_inference_steps!r}"
         )
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) \
             or guidance_scale < 0:
@@ -169,6 +193,38 @@ def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
         raise RuntimeError(f"the U-Net returned {eps.shape[0]} rows for a batch of {sample.shape[0]}")
     for j, e in zip(jobs, eps.split([j.rows for j in jobs])):
         j.apply(e)
+
+
+def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> list[tuple[int, Exception]]:
+    """`denoise_step` over `jobs`, where a Python-level error is pinned on the jobs that cause it.
+
+    Returns (index in `jobs`, exception) of the jobs that failed; every other job took its step.
+    When the shared call raises, each job that has not stepped yet is retried alone (the same
+    math as its share of the batched call: a lone job's call is the one-image loop's), and only
+    those whose own call raises fail (a failure that no job shows alone fails none: each then took
+    its step alone). A device error (`devices.device_failed`) or a lone job: every job that did
+    not step fails with the error.
+    """
+    from .devices import device_failed
+
+    before = [j.index for j in jobs]
+    try:
+        denoise_step(unet, jobs)
+        return []
+    except Exception as e:  # noqa: BLE001 - sorted out below
+        error = e
+    pending = [i for i, j in enumerate(jobs) if j.index == before[i]]
+    if device_failed(error) or len(jobs) < 2:
+        return [(i, error) for i in pending]
+    failed = []
+    for i in pending:
+        try:
+            denoise_step(unet, [jobs[i]])
+        except Exception as e:  # noqa: BLE001 - this job's own step fails
+            if device_failed(e):
+                return [(k, e) for k in pending if jobs[k].index == before[k]]
+            failed.append((i, e))
+    return failed
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import EngineConfig, Precision, SpecialTokens, WeightFormat
 from .diffusion import (DEFAULT_SAMPLER, check_diffusion_args, check_sampler, decode_latents,
-                        denoise, make_scheduler, prepare_latents, to_pil)
+                        denoise, make_scheduler, max_inference_steps, prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
 from .prompt import Prompt, PromptBuilder
@@ -304,7 +304,7 @@ class DreamLLMPipeline:
                 raise InvalidInputError(
                     f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
             check_diffusion_args(num_inference_steps, guidance_scale,
-                                 self.config.diffusion.scheduler["num_train_timesteps"])
+                                 max_inference_steps(self.config.diffusion.scheduler))
             check_sampler(sampler)
             shape = self._latent_shape(height, width)
             cond, uncond = self._encode_condition(prompt, negative_prompt)
@@ -468,7 +468,7 @@ class DreamLLMPipeline:
         if not isinstance(max_images, int) or max_images < 0:
             raise InvalidInputError(f"max_images must be an integer >= 0, got {max_images!r}")
         check_diffusion_args(steps, guidance_scale,
-                             self.config.diffusion.scheduler["num_train_timesteps"])
+                             max_inference_steps(self.config.diffusion.scheduler))
         check_sampler(sampler)
         self.prompts.check_fits(prompt, sp.max_new_tokens, self.max_len, what)
         negative = None if negative_prompt is None else self._t2i_prompt(negative_prompt)

@@ -180,7 +180,7 @@ class PromptBuilder:
             self._check_text(items)
             body = self._render_items(items, generated=(want == "assistant"), images=images, join="\n")
             text += f"{ROLES[want]}: {body}" + (" " if want == "user" else "</s>")
-        if msgs[-1]["role"] != "user":
+        if not msgs or msgs[-1]["role"] != "user":
             raise InvalidInputError("the last message must be from the user (the assistant answers it)")
         return text + "ASSISTANT:"
 

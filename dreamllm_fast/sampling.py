@@ -46,8 +46,10 @@ class SamplingParams:
                 f"temperature must be a finite number > 0, got {self.temperature!r} "
                 f"(for greedy decoding pass do_sample=False)"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidInputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) \
+                or not 0 <= self.top_k < 2 ** 63:  # the sampling rows hold it as int64
+            raise InvalidInputError(
+                f"top_k must be an integer in [0, 2^63) (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise InvalidInputError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
 

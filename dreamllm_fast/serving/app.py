@@ -29,7 +29,7 @@ from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, Imag
 from .metrics import ServingMetrics
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
                        ImageGenerationRequest, ServeConfig, chat_chunk, chat_completion,
-                       chat_request, image_part, images_request, images_response, model_card,
+                       chat_request, decode_json_body, image_part, images_request, images_response, model_card,
                        parse_body, text_part, usage)
 from .scheduler import (ChoiceDone, ImageResult, NotReadyError, QueueFullError, RequestFailed,
                         RequestHandle, Scheduler, TextDelta)
@@ -133,7 +133,9 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         body = parse_body(await _json(request), ChatCompletionRequest, UNSUPPORTED_CHAT)
         check_model(body.model)
         sched = ready(request)
-        handle = await _submit(sched, await chat_request(body, cfg, request.app.state.http_client))
+        gen = await chat_request(body, cfg, request.app.state.http_client,
+                                 context=(sched.max_context, sched.image_tokens))
+        handle = await _submit(sched, gen)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
             return _EventStream(_stream_chat(handle, body, cfg, metrics, t0), headers=headers)
@@ -170,13 +172,7 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
 
 # -- helpers ---------------------------------------------------------------------------------------
 async def _json(request: Request):
-    raw = await request.body()
-    if not raw:
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    return decode_json_body(await request.body(), request.headers.get("content-type"))
 
 
 async def _submit(sched: Scheduler, gen) -> RequestHandle:
@@ -248,6 +244,8 @@ async def _collect(request: Request, handle: RequestHandle, metrics: ServingMetr
                         first = False
                     results[ev.index]["parts"].append(ev.text if isinstance(ev, TextDelta) else ev.image)
                 elif isinstance(ev, ChoiceDone):
+                    if ev.text:
+                        results[ev.index]["parts"].append(ev.text)
                     results[ev.index]["finish"] = ev.finish_reason
                     results[ev.index]["tokens"] = ev.completion_tokens
                 elif isinstance(ev, RequestFailed):
@@ -286,8 +284,8 @@ async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: 
                 break
             if isinstance(ev, ChoiceDone):
                 completion += ev.completion_tokens
-                yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
-                              "finish_reason": ev.finish_reason}])
+                yield chunk([{"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
+                              "logprobs": None, "finish_reason": ev.finish_reason}])
                 continue
             if first:
                 metrics.ttft.labels(route).observe(time.monotonic() - t0)

@@ -27,10 +27,14 @@ its Philox key from it first, and its images' latents and DDPM noise come from i
 in the same order.
 
 Failures: an exception in one request's own work (its CLIP encode, its image's VAE decode, ...)
-fails that request (`RequestFailed`) and nothing else. An exception in a shared step fails the
-requests in that step: a packed prefill pass its passes' requests, a batched U-Net call its images'
-requests, a decode step the sequences in the batch (the loop resets; sequences paused in a dream
-branch were not in the step: they rejoin when their image is done). The scheduler keeps serving,
+fails that request (`RequestFailed`) and nothing else. A Python-level exception in a shared decode
+step or U-Net call fails only the requests that cause it: each sequence (image) of the step is
+tried alone and those whose own step raises fail, the others go on with unchanged results
+(decoding.DecodeLoop.step, diffusion.denoise_step_isolated); when no single culprit shows, the step's
+requests fail (the decode loop resets; sequences paused in a dream branch were not in the step:
+they rejoin when their image is done). A packed prefill pass that raises fails its passes'
+requests. Requests are validated before admission (protocol.py, sequential.prepare_request), so
+this is the second line. The scheduler keeps serving,
 unless the error leaves the GPU context unusable (a device-side assert, an illegal address:
 `devices.device_failed`): then every request fails with 503, /health reports the scheduler
 failed (Ray Serve replaces the replica) and the process should be restarted.
@@ -53,7 +57,7 @@ import torch
 
 from ..decoding import DecodeLoop, State
 from ..devices import device_failed
-from ..diffusion import (DiffusionJob, decode_latents, denoise_step, make_scheduler,
+from ..diffusion import (DiffusionJob, decode_latents, denoise_step_isolated, make_scheduler,
                          prepare_latents, to_pil)
 from ..errors import InvalidInputError
 from ..sampling import draw_seed
@@ -133,7 +137,9 @@ class BatchedScheduler(WorkerScheduler):
         handle._on_cancel = lambda h: self._on_cancel(req)
         with self._cv:
             self._check_ready(closing_first=True)  # the worker may have stopped since
-            if len(self._queue) >= self.max_queue:
+            # queued requests that free KV slots will take at the worker's next admission are
+            # not waiting: a burst of max_queue + max_batch is served, not refused
+            if len(self._queue) >= self.max_queue + max(0, self._free_slots()):
                 self._count("rejected")
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1) / self.max_batch)
                 raise QueueFullError(
@@ -452,15 +458,18 @@ class BatchedScheduler(WorkerScheduler):
             c: Choice = ev.seq.tag
             if c is None or c.done:
                 continue
+            if ev.reason == "error":  # its own step raised; the others went on (DecodeLoop.step)
+                self._fail(c.req, ev.seq.error)
+                continue
             if ev.token is not None:
                 tokens += 1
                 got.append((c.req.handle.request_id, c.index))
-            if ev.text and c.text(ev.text):  # a stop string: the choice ends here
+            if ev.kind == "finish":  # the last text rides on ChoiceDone
+                self._complete(c, None, ev.text)
+            elif ev.text and c.text(ev.text):  # a stop string: the choice ends here
                 self._finish_seq(c, "stop")
             elif ev.kind == "pause":
                 self._pause(c)
-            elif ev.kind == "finish":
-                self._complete(c, None)
         self._rate.add(tokens)
         if self.trace is not None:
             self.trace.append(("decode", got))
@@ -512,11 +521,9 @@ class BatchedScheduler(WorkerScheduler):
             groups.setdefault((tuple(job.latents.shape), job.latents.dtype), []).append((c, job))
         t0 = time.perf_counter()
         for group in groups.values():
-            try:
-                denoise_step(self._pipe.unet, [job for _, job in group])
-            except Exception as e:  # noqa: BLE001 - a shared U-Net call: its images' requests fail
-                for c, _ in group:
-                    self._fail(c.req, e)
+            # a Python-level error fails only the images that cause it (each retried alone)
+            for i, e in denoise_step_isolated(self._pipe.unet, [job for _, job in group]):
+                self._fail(group[i][0].req, e)
         self._stage("diffuse", t0)
         if self.trace is not None:
             self.trace.append(("unet", [(c.req.handle.request_id, c.index, job.index)
@@ -568,11 +575,14 @@ class BatchedScheduler(WorkerScheduler):
                               pause_ids=(self._pipe.special.dream_start,), tag=c)
 
     # -- endings ----------------------------------------------------------------------------------
-    def _complete(self, c: Choice, reason: Optional[str]) -> None:
-        """A choice is done: its last text, ChoiceDone, and its slot back at once."""
+    def _complete(self, c: Choice, reason: Optional[str], last: str = "") -> None:
+        """A choice is done: ChoiceDone with its last text (`last` through its stop strings, and
+        what they held back), and its slot back at once."""
         if c.done:
             return
-        c.flush()
+        text, hit = c.final_text(last)
+        if hit:
+            reason = "stop"
         ids = c.token_ids()
         if reason is None:  # as the sequential scheduler reports it: a stop id, or a limit
             sp = self._pipe.special
@@ -580,7 +590,7 @@ class BatchedScheduler(WorkerScheduler):
         r = c.req
         self._count("generated_tokens", len(ids))
         self._count("prompt_tokens", r.handle.prompt_tokens)
-        r.handle.emit(ChoiceDone(c.index, reason, len(ids)))
+        r.handle.emit(ChoiceDone(c.index, reason, len(ids), text))
         self._release(c)
         if all(x.done for x in r.choices):
             self._end(r, "ok")

@@ -6,10 +6,16 @@ Every image a request carries becomes a PIL image here, or a 400 naming the limi
   so no request can name a path on the server's disk;
 - at most `max_image_bytes` encoded bytes, counted while reading (base64 length is checked before
   decoding it; a fetch stops at the limit, whatever Content-Length claimed);
-- at most `max_image_pixels`, read from the PNG/JPEG header by this module's own parser BEFORE
-  Pillow decodes anything (a decompression bomb is a few kB of header claiming gigapixels), then
+- at most `max_image_pixels`, `max_image_side` pixels a side and `max_aspect_ratio` (long side
+  over short side), read from the PNG/JPEG header by this module's own parser BEFORE Pillow
+  decodes anything (a decompression bomb is a few kB of header claiming gigapixels), then
   checked again on Pillow's header, with Pillow's MAX_IMAGE_PIXELS as the last guard (the
-  `serve` command lowers it to the same limit: it is process-wide);
+  `serve` command lowers it to the same limit: it is process-wide). The aspect ratio bounds the
+  CLIP preprocessing: it resizes the short side to 224, so a 97-byte 4096x1 PNG became a
+  917504x224 image and cost about 2 GB (found by a hostile-client audit); at 20:1 the resized
+  image is at most 4480x224;
+- a request's images are all read and header-checked first (`image_bytes`), its image count is
+  checked against the context, and only then is any image decoded (`decode_image`);
 - only PNG and JPEG are handed to Pillow (`formats=`), which keeps its other decoders out of reach.
 Fetches go only to allow-listed hosts, with a total time limit and redirects followed only to
 allow-listed hosts (at most 3).
@@ -37,7 +43,9 @@ MAX_REDIRECTS = 3
 class MediaLimits:
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_images: int = 8  # per request
+    max_images: Optional[int] = None  # per request; None: as many as fit the context
+    max_image_side: int = 4096
+    max_aspect_ratio: float = 20.0
     allowed_hosts: tuple[str, ...] = ()  # "host" (any port) or "host:port"; empty: no fetching
     fetch_timeout_s: float = 10.0
 
@@ -75,16 +83,22 @@ def header_size(data: bytes) -> tuple[str, int, int]:
     raise ImageLoadError("the image is not a PNG or JPEG; send image/png or image/jpeg")
 
 
-def decode_image(data: bytes, limits: MediaLimits):
-    """Encoded PNG/JPEG bytes -> RGB PIL image, after the size checks (see the module docstring)."""
-    from PIL import Image
-
+def check_header(data: bytes, limits: MediaLimits) -> str:
+    """The byte, pixel, side and aspect-ratio limits, from the header alone; returns the format."""
     if len(data) > limits.max_image_bytes:
         raise ImageLoadError(
             f"the image is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes "
             f"(--max-image-mb)")
     fmt, w, h = header_size(data)
     _check_pixels(w, h, limits)
+    return fmt
+
+
+def decode_image(data: bytes, limits: MediaLimits):
+    """Encoded PNG/JPEG bytes -> RGB PIL image, after the size checks (see the module docstring)."""
+    from PIL import Image
+
+    fmt = check_header(data, limits)
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             _check_pixels(*im.size, limits)  # Pillow's reading of the same header
@@ -102,10 +116,23 @@ def _check_pixels(w: int, h: int, limits: MediaLimits) -> None:
         raise ImageLoadError(
             f"the image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels} "
             f"pixels (--max-image-pixels); it was refused before decoding")
+    if max(w, h) > limits.max_image_side:
+        raise ImageLoadError(
+            f"the image is {w}x{h} pixels; the limit is {limits.max_image_side} pixels a side; "
+            f"it was refused before decoding: downscale it")
+    if max(w, h) > limits.max_aspect_ratio * min(w, h):
+        raise ImageLoadError(
+            f"the image is {w}x{h} pixels, an aspect ratio over {limits.max_aspect_ratio:g}:1; "
+            f"the model sees a center crop of a square, so crop it first (refused before "
+            f"decoding)")
 
 
 # -- URLs -----------------------------------------------------------------------------------------
 def decode_data_url(url: str, limits: MediaLimits):
+    return decode_image(data_url_bytes(url, limits), limits)
+
+
+def data_url_bytes(url: str, limits: MediaLimits) -> bytes:
     m = _DATA_URL.match(url)
     if m is None or not m.group("b64"):
         raise ImageLoadError("a data URL must look like data:image/png;base64,<data>")
@@ -118,10 +145,9 @@ def decode_data_url(url: str, limits: MediaLimits):
             f"the image is about {len(payload) * 3 // 4} bytes; the limit is "
             f"{limits.max_image_bytes} bytes (--max-image-mb)")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ImageLoadError("the data URL's base64 payload is invalid") from None
-    return decode_image(data, limits)
 
 
 def host_allowed(url: str, allowed: Sequence[str]) -> bool:
@@ -147,6 +173,14 @@ def host_allowed(url: str, allowed: Sequence[str]) -> bool:
 async def fetch_image(url: str, limits: MediaLimits, client) -> "object":
     """GET an allow-listed http(s) URL with the byte and time limits; `client` is an
     `httpx.AsyncClient` made with follow_redirects=False."""
+    import anyio
+
+    return await anyio.to_thread.run_sync(decode_image, await fetch_bytes(url, limits, client),
+                                          limits)
+
+
+async def fetch_bytes(url: str, limits: MediaLimits, client) -> bytes:
+    """The bytes at an allow-listed http(s) URL (see `fetch_image`)."""
     import anyio
     import httpx
 
@@ -178,7 +212,7 @@ async def fetch_image(url: str, limits: MediaLimits, client) -> "object":
             f"(--image-fetch-timeout)") from None
     except httpx.HTTPError as e:
         raise ImageLoadError(f"fetching the image URL failed ({type(e).__name__})") from None
-    return await anyio.to_thread.run_sync(decode_image, data, limits)
+    return data
 
 
 def _check_fetchable(url: str, limits: MediaLimits) -> None:
@@ -203,17 +237,31 @@ async def load_image_url(url: str, limits: MediaLimits, client=None):
     """Any image_url of a request -> PIL image, or ImageLoadError (HTTP 400)."""
     import anyio
 
+    return await anyio.to_thread.run_sync(decode_image, await image_bytes(url, limits, client),
+                                          limits)
+
+
+async def image_bytes(url: str, limits: MediaLimits, client=None) -> bytes:
+    """Any image_url of a request -> its encoded bytes, header-checked (`check_header`), not
+    decoded; or ImageLoadError (HTTP 400)."""
+    import anyio
+
     if not isinstance(url, str) or not url:
         raise ImageLoadError("image_url.url must be a non-empty string")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return await anyio.to_thread.run_sync(decode_data_url, url, limits)
-    if scheme in ("http", "https"):
+        data = await anyio.to_thread.run_sync(data_url_bytes, url, limits)
+    elif scheme in ("http", "https"):
         if not limits.allowed_hosts or client is None:
             raise ImageLoadError(
                 "image URLs are disabled on this server: send the image inline as a data URL "
                 "(data:image/png;base64,...), or start the server with --allow-image-host HOST")
-        return await fetch_image(url, limits, client)
+        data = await fetch_bytes(url, limits, client)
+    else:
+        data = None
+    if data is not None:
+        check_header(data, limits)
+        return data
     raise ImageLoadError(
         f"image_url must be a data: URL (or an http(s) URL of an allow-listed host); "
         f"{(scheme + ':') if scheme else 'a path'} is not accepted")

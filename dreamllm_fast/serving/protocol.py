@@ -6,8 +6,12 @@ says so instead of being silently ignored (`UNSUPPORTED`). Only their neutral va
 ``logprobs: false``, ``frequency_penalty: 0``).
 
 Mapping to the model:
-- ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1). ``top_p`` and the
-  extension ``top_k`` filter the distribution.
+- ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1; its range, [0, 2]).
+  ``top_p`` and the extension ``top_k`` filter the distribution (``top_k`` 0 or vLLM's -1: off).
+- Every number is bounded here, at parse time, to what the engine takes (`INT32_MAX` for counts,
+  int64 for ``seed``, as OpenAI and vLLM), so no admitted request can fail a shared step with an
+  overflow; settings that depend on the model (the diffusion steps, image sizes, the context)
+  are checked by the scheduler's `submit` before queueing.
 - System messages: the "vicuna_v1.1" template the model was tuned on has one system prompt, at the
   start. Leading system (or ``developer``) messages are joined with newlines and replace the
   default system prompt; a system message after the conversation started is refused (400).
@@ -20,6 +24,7 @@ Mapping to the model:
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -30,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidInputError
 from ..sampling import SamplingParams
-from .media import MediaLimits, load_image_url, parse_size, png_b64, png_data_url
+from .media import MediaLimits, decode_image, image_bytes, parse_size, png_b64, png_data_url
 from .scheduler import GenerationRequest, ImageOptions
 
 
@@ -44,6 +49,9 @@ class ServeConfig:
     media: MediaLimits = field(default_factory=MediaLimits)
     max_n: int = 8
     max_stop: int = 4  # OpenAI's limit on stop strings
+    # OpenAI's range is [0, 2]; a library user may open it (the tiny test model's logits are so
+    # peaked that T <= 2 samples its greedy text, so the sampling tests use T = 8)
+    max_temperature: float = 2.0
     # Defaults of the images of interleaved answers and /v1/images/generations (the original's
     # text-to-image function: 50 DDPM steps, guidance 7.5; dreamllm.md §1.5).
     num_inference_steps: int = 50
@@ -63,6 +71,11 @@ class ApiError(Exception):
 
 
 # -- request models --------------------------------------------------------------------------------
+INT32_MAX = 2**31 - 1  # counts (top_k, n, max_tokens, steps): the kernels take them as int32/int64
+Count = Annotated[int, Field(le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]  # int64, as OpenAI and vLLM
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -87,7 +100,8 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    # OpenAI refuses an empty content array ("minimum length 1")
+    content: Union[str, Annotated[list[ContentPart], Field(min_length=1)], None] = None
     name: Optional[str] = None  # accepted, not used by the template
 
 
@@ -98,40 +112,40 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
+    max_tokens: Optional[Count] = Field(None, ge=1)
+    max_completion_tokens: Optional[Count] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)  # <= ServeConfig.max_temperature
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)  # extension (vLLM's name)
-    seed: Optional[int] = None
+    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
+    seed: Optional[Seed] = None
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1)
+    n: Optional[Count] = Field(None, ge=1)
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     modalities: Optional[list[Literal["text", "image"]]] = None
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     # extensions for the images of an interleaved answer
-    num_inference_steps: Optional[int] = Field(None, ge=1)
+    num_inference_steps: Optional[Count] = Field(None, ge=1)
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
-    max_images: Optional[int] = Field(None, ge=0)
+    max_images: Optional[Count] = Field(None, ge=0)
     sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
 
 
 class ImageGenerationRequest(_Strict):
     prompt: str = Field(min_length=1)
     model: Optional[str] = None
-    n: Optional[int] = Field(None, ge=1)
+    n: Optional[Count] = Field(None, ge=1)
     size: Optional[str] = None
     response_format: Optional[Literal["b64_json", "url"]] = None
     output_format: Optional[Literal["png"]] = None
     user: Optional[str] = None
     # extensions (the DDPM sampler of the model's image head)
-    num_inference_steps: Optional[int] = Field(None, ge=1)
+    num_inference_steps: Optional[Count] = Field(None, ge=1)
     guidance_scale: Optional[float] = Field(None, ge=0)
     negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
 
 
@@ -167,6 +181,55 @@ UNSUPPORTED_IMAGES: dict[str, tuple[tuple, str]] = {
 }
 
 
+_JSON_TYPES = ("application/json",)
+
+
+def decode_json_body(raw: bytes, content_type: Optional[str]) -> Any:
+    """The request body -> a Python object, or ApiError(400).
+
+    Content-Type must be JSON (application/json or a ``+json`` type) when it is sent; a body
+    without one is read as JSON (``curl -d`` sends a form type, which is refused with the fix in
+    the message). Strings must be valid Unicode: JSON lets ``"\\ud800"`` name a lone UTF-16
+    surrogate, which no tokenizer takes, so it is refused here with its place."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+        raise ApiError(400, f"Content-Type {ctype!r} is not supported: send the body as JSON with "
+                            f"'Content-Type: application/json'")
+    if not raw:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    where = _bad_unicode(obj, "")
+    if where is not None:  # the path itself may hold the surrogate (a key): escape it
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise ApiError(400, f"{where or 'the body'}: the string holds a lone UTF-16 surrogate "
+                            f"(e.g. \\ud800 without its pair); send valid Unicode",
+                       param=where or None)
+    return obj
+
+
+def _bad_unicode(obj: Any, path: str) -> Optional[str]:
+    """The dotted path of the first string (or key) that is not encodable as UTF-8, else None."""
+    stack = [(obj, path)]
+    while stack:
+        o, p = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                q = f"{p}.{k}" if p else str(k)
+                stack.append((k, q))
+                stack.append((v, q))
+        elif isinstance(o, list):
+            stack.extend((v, f"{p}.{i}" if p else str(i)) for i, v in enumerate(o))
+    return None
+
+
 def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
     """The JSON body (already a Python object) -> a validated model, or ApiError(400)."""
     if not isinstance(raw, dict):
@@ -188,8 +251,12 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
 
 
 # -- into the engine's terms -----------------------------------------------------------------------
-async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None) -> GenerationRequest:
-    """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images."""
+async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None,
+                       context: Optional[tuple[int, int]] = None) -> GenerationRequest:
+    """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images.
+
+    context: (the model's context in tokens, tokens per input image) when known (the scheduler
+    is ready): the image count is checked against it before any image is decoded."""
     n = body.n or 1
     if n > cfg.max_n:
         raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
@@ -208,13 +275,16 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > cfg.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
-    messages = await _messages(body.messages, cfg, client)
+    messages = await _messages(body.messages, cfg, client, context)
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature > cfg.max_temperature:
+        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
+                            f"{temperature:g}", param="temperature")
     try:
         sampling = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
-            top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p)
+            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
     except InvalidInputError as e:
         raise ApiError(400, str(e)) from None
     if not interleaved:
@@ -258,16 +328,50 @@ def _image_options(body, cfg: ServeConfig) -> ImageOptions:
 
 def _seeds(seed: Optional[int], n: int) -> list[int]:
     base = secrets.randbelow(2**62) if seed is None else seed
-    if not -2**63 <= base < 2**64:
-        raise ApiError(400, "seed must fit in 64 bits", param="seed")
+    if not -2**63 <= base < 2**63:
+        raise ApiError(400, "seed must be a 64-bit signed integer", param="seed")
     return [(base + i) % 2**64 for i in range(n)]  # Generator.manual_seed takes any 64-bit value
 
 
-async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]:
-    """OpenAI messages -> pipeline messages: {"role", "content": [str | PIL.Image, ...]}."""
+def max_input_images(limits: MediaLimits, context: Optional[tuple[int, int]]) -> int:
+    """Images a request may carry: --max-input-images, else as many as fit the context beside
+    the BOS token ((context - 1) // tokens per image: 7 at 2048 tokens and 258 per image), else
+    (context unknown) 8."""
+    if limits.max_images is not None:
+        return limits.max_images
+    if context and context[0] > 0 and context[1] > 0:
+        return (context[0] - 1) // context[1]
+    return 8
+
+
+def check_image_count(n: int, limits: MediaLimits, context: Optional[tuple[int, int]],
+                      param: str = "messages") -> None:
+    """Refuse, before any image is decoded, more images than allowed or than fit the context."""
+    if context and context[0] > 0 and context[1] > 0 and 1 + n * context[1] > context[0]:
+        raise ApiError(400, f"This model's maximum context length is {context[0]} tokens. "
+                            f"However, the {n} images take {n * context[1]} tokens ({context[1]} "
+                            f"each) before any text. Pass fewer images.", param=param,
+                       code="context_length_exceeded")
+    limit = max_input_images(limits, context)
+    if n > limit:
+        raise ApiError(400, f"at most {limit} images per request (--max-input-images), got {n}",
+                       param=param)
+
+
+async def _messages(msgs: list[Message], cfg: ServeConfig, client,
+                    context: Optional[tuple[int, int]] = None) -> list[dict]:
+    """OpenAI messages -> pipeline messages: {"role", "content": [str | PIL.Image, ...]}.
+
+    Images in three passes, so a request's memory is bounded before anything is decoded: count
+    (against --max-input-images and the context), read and check every header, then decode."""
+    import anyio
+
+    n_images = sum(1 for m in msgs if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, ImagePart))
+    check_image_count(n_images, cfg.media, context)
     system: list[str] = []
     out: list[dict] = []
-    n_images = 0
+    encoded: list[tuple] = []  # (content list, position, bytes, i, j): decoded after the loop
     for i, m in enumerate(msgs):
         if m.role in ("system", "developer"):
             if out:
@@ -291,20 +395,29 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client) -> list[dict]
             elif isinstance(p, TextPart):
                 content.append(p.text)
             else:
-                n_images += 1
-                if n_images > cfg.media.max_images:
-                    raise ApiError(400, f"at most {cfg.media.max_images} images per request",
-                                   param=f"messages.{i}.content.{j}")
                 try:
-                    content.append(await load_image_url(p.image_url.url, cfg.media, client))
+                    data = await image_bytes(p.image_url.url, cfg.media, client)
                 except InvalidInputError as e:
-                    raise ApiError(400, f"messages[{i}].content[{j}]: {e}",
-                                   param=f"messages.{i}.content.{j}.image_url",
-                                   code="invalid_image") from None
+                    raise _image_error(i, j, e) from None
+                encoded.append((content, len(content), data, i, j))
+                content.append(None)  # decoded below, once every header passed
         out.append({"role": m.role, "content": content})
+    for content, k, data, i, j in encoded:
+        try:
+            content[k] = await anyio.to_thread.run_sync(decode_image, data, cfg.media)
+        except InvalidInputError as e:
+            raise _image_error(i, j, e) from None
+    if not out:
+        raise ApiError(400, "messages holds only system messages; add a user message (the model "
+                            "answers the last user message)", param="messages")
     if system:
         out.insert(0, {"role": "system", "content": "\n".join(system)})
     return out
+
+
+def _image_error(i: int, j: int, e: Exception) -> ApiError:
+    return ApiError(400, f"messages[{i}].content[{j}]: {e}",
+                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image")
 
 
 # -- responses -------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class RayServeArgs(BaseModel):
     max_n: int = Field(8, ge=1)
     max_image_mb: float = Field(16.0, gt=0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
-    max_input_images: int = Field(8, ge=0)
+    max_input_images: Optional[int] = Field(None, ge=0)  # None: as many as fit the context
     allow_image_host: list[str] = []
     image_fetch_timeout: float = Field(10.0, gt=0)
     # -- Ray: placement and scaling

@@ -6,7 +6,9 @@ request into a `GenerationRequest`, hands it to `Scheduler.submit`, and reads th
 
     TextDelta(index, text)            a piece of choice `index`'s text (already stop-string safe)
     ImageResult(index, image)         a whole PIL image of choice `index` (interleaved or images)
-    ChoiceDone(index, finish_reason, completion_tokens)   choice `index` is complete
+    ChoiceDone(index, finish_reason, completion_tokens, text)   choice `index` is complete;
+                                      `text`: its last piece, if any (streamed with the
+                                      finish_reason, as vLLM's last chunk carries it)
     RequestFailed(error)              the whole request failed; nothing follows
 
 Two schedulers implement it: `SequentialScheduler` (sequential.py: one request at a time through
@@ -110,6 +112,7 @@ class ChoiceDone:
     index: int
     finish_reason: Literal["stop", "length", "cancelled"]
     completion_tokens: int
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,11 @@ class Scheduler(abc.ABC):
     def max_context(self) -> int:
         """The model's context in tokens (valid once ready)."""
 
+    @property
+    def image_tokens(self) -> int:
+        """Prompt tokens one input image takes (its span), valid once ready; 0: unknown."""
+        return 0
+
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Block until ready (or failed, or timeout); returns `health().ready`."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -334,6 +342,10 @@ class WorkerScheduler(Scheduler):
     @property
     def max_context(self) -> int:
         return self._pipe.max_len if self._pipe is not None else 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self._pipe.config.image_span_len if self._pipe is not None else 0
 
     @property
     def pipeline(self):

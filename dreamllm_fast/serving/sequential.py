@@ -23,7 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..devices import device_failed
-from ..diffusion import check_diffusion_args
+from ..diffusion import check_diffusion_args, max_inference_steps
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult,
@@ -79,7 +79,8 @@ class SequentialScheduler(WorkerScheduler):
         handle._on_cancel = self._dequeue
         with self._cv:
             self._check_ready(closing_first=True)  # the worker may have stopped since
-            if len(self._queue) >= self.max_queue:
+            # the head of the queue is not waiting when the worker is free to take it
+            if len(self._queue) >= self.max_queue + (self._running is None):
                 self._counters["rejected"] += 1
                 wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
                 raise QueueFullError(
@@ -312,7 +313,7 @@ def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepa
     if req.kind in ("interleaved", "image"):
         o = req.image
         check_diffusion_args(o.num_inference_steps, o.guidance_scale,
-                             pipe.config.diffusion.scheduler["num_train_timesteps"])
+                             max_inference_steps(pipe.config.diffusion.scheduler))
         if not isinstance(o.max_images, int) or o.max_images < 0:
             raise InvalidInputError(f"max_images must be an integer >= 0, got {o.max_images!r}")
         if o.negative_prompt is not None:
@@ -323,16 +324,32 @@ def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepa
     return Prepared(req, n_prompt, prompt, negative)
 
 
+def image_size_limits(config) -> tuple[int, int, int]:
+    """(step, smallest, largest) side in pixels that this model's VAE and U-Net accept.
+
+    step: the VAE's factor times the U-Net's downsampling (2 per down block after the first), so
+    every U-Net level halves exactly (SD-2.1: 8 x 8 = 64; the tiny test model: 8 x 2 = 16).
+    smallest: half the native size (SD-2.1-base: 256, DALL-E 2's smallest size) and never under
+    2 steps: at one step the U-Net's bottom level is 1x1 and its GroupNorm fails ("Expected more
+    than 1 value per channel", found by a hostile-client audit with "8x8"). largest: twice the
+    native size (SD-2.1-base: 1024)."""
+    d = config.diffusion
+    step = d.vae_scale_factor * 2 ** max(0, len(d.unet.get("down_block_types", ())) - 1)
+    native = d.default_resolution
+    lo = max(2 * step, -(-native // 2 // step) * step)
+    return step, lo, 2 * native
+
+
 def _check_size(pipe, size) -> None:
     if size is None:
         return
-    d = pipe.config.diffusion
-    f, top = d.vae_scale_factor, 2 * d.default_resolution  # SD-2.1-base: 512 native, 1024 max
+    step, lo, hi = image_size_limits(pipe.config)
+    native = pipe.config.diffusion.default_resolution
     for name, v in zip(("width", "height"), size):
-        if v < f or v > top or v % f:
+        if v < lo or v > hi or v % step:
             raise InvalidInputError(
-                f"size: {name} must be a multiple of {f} in [{f}, {top}] for this model (its "
-                f"native size is {d.default_resolution}x{d.default_resolution}), got {v}")
+                f"size: {name} must be a multiple of {step} in [{lo}, {hi}] for this model (its "
+                f"native size is {native}x{native}), got {v}")
 
 
 def _items(content) -> list:

@@ -81,6 +81,13 @@ class Choice:
     def flush(self) -> None:
         emit_text(self.req.handle, self.index, self.stop)
 
+    def final_text(self, piece: str = "") -> tuple[str, bool]:
+        """The choice's last text, not emitted (it rides on ChoiceDone, as vLLM's last chunk
+        carries the last piece): `piece` through the stop strings, then the held-back tail.
+        Returns (text, whether a stop string ended it)."""
+        out, hit = self.stop.feed(piece) if piece else ("", False)
+        return out + ("" if hit else self.stop.flush()), hit
+
     def token_ids(self) -> list[int]:
         return self.prior + (list(self.seq.token_ids) if self.seq is not None else [])
 

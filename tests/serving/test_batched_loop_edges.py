@@ -132,7 +132,7 @@ def test_a_failed_step_keeps_the_events_drained_before_it(sched):
     loop._carry.append(sentinel)
     assert loop.has_events
 
-    def boom():  # takes the carried events first, as the real step does, then fails
+    def boom(events):  # takes the carried events first, as the real step does, then fails
         loop._carry = []
         raise RuntimeError("injected")
 

@@ -182,7 +182,7 @@ def setup(tiny_ckpt):
     want_ctx, pipe.unet.rows = _distinct(pipe.unet.rows), []
     sched = BatchedScheduler(pipe, max_batch=6, max_queue=32, warmup=False)
     sched.trace = []
-    with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
+    with LiveServer(create_app(sched, ServeConfig(model_name=MODEL, max_temperature=8.0))) as srv:
         assert sched.wait_ready(60), sched.health()
         srv.sched = sched
         srv.pipe = pipe

@@ -250,8 +250,8 @@ def test_images_endpoint_errors(server):
     p = "/v1/images/generations"
     assert_error(post(server, {"prompt": "x", "response_format": "url"}, p), 400, "'url' is not supported")
     assert_error(post(server, {"prompt": "x", "size": "big"}, p), 400, "WIDTHxHEIGHT")
-    assert_error(post(server, {"prompt": "x", "size": "60x64"}, p), 400, "multiple of 8")
-    assert_error(post(server, {"prompt": "x", "size": "4096x4096"}, p), 400, "[8, 128]")
+    assert_error(post(server, {"prompt": "x", "size": "60x64"}, p), 400, "multiple of 16")
+    assert_error(post(server, {"prompt": "x", "size": "4096x4096"}, p), 400, "[32, 128]")
     assert_error(post(server, {"prompt": "x", "num_inference_steps": 5000}, p), 400, "num_inference_steps")
     assert_error(post(server, {"prompt": "x", "style": "vivid"}, p), 400, "style")
     assert_error(post(server, {"prompt": ""}, p), 400, "prompt")

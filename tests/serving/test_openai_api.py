@@ -36,7 +36,7 @@ def served(tiny_ckpt):
 @pytest.fixture(scope="module")
 def server(served):
     sched = SequentialScheduler(served, max_queue=8)
-    with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
+    with LiveServer(create_app(sched, ServeConfig(model_name=MODEL, max_temperature=8.0))) as srv:
         assert sched.wait_ready(60), sched.health()
         yield srv
 

@@ -185,7 +185,8 @@ CHAT_CASES = {
     "greedy": dict(messages=[{"role": "system", "content": "You are terse."}] + TEXT,
                    max_tokens=12, temperature=0),
     # T = 8: the tiny model's walk is so peaked that T <= 2 samples the greedy text
-    "seeded_n2": dict(messages=TEXT, max_tokens=10, temperature=8.0, top_p=0.95, seed=123, n=2),
+    # temperature within OpenAI's [0, 2] (the served limit): the sampling path, passed through
+    "seeded_n2": dict(messages=TEXT, max_tokens=10, temperature=2.0, top_p=0.95, seed=123, n=2),
     "image_input": dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(encode(scene()))}},
         {"type": "text", "text": "What is in this picture?"}]}], max_tokens=6, temperature=0),
