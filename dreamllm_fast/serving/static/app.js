@@ -11,7 +11,10 @@ const SETTINGS = ["api-key", "system", "max-tokens", "temperature", "top-p", "to
 const $ = (id) => document.getElementById(id);
 
 // -- markdown ----------------------------------------------------------------------------------
-marked.setOptions({ gfm: true, breaks: true });
+// Raw HTML in the text is shown as text, not parsed (a user asking about HTML sees their HTML);
+// DOMPurify then cleans what markdown itself produces.
+const escapeHtml = (t) => t.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+marked.use({ gfm: true, breaks: true, renderer: { html: (token) => escapeHtml(token.text) } });
 // Images inside markdown are dropped (the model's images arrive as their own parts); links open
 // in a new tab without the opener.
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
