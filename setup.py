@@ -21,6 +21,8 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"dreamllm_fast.kernels": "kernels", "dreamllm_fast.export": "export"},
+    # the chat page of `dreamllm-fast serve` (dreamllm_fast/serving/webui.py): static files
+    package_data={"dreamllm_fast.serving": ["static/*.*", "static/vendor/*"]},
     install_requires=[
         # 2.11 is what the GPU fleet runs; 2.14 is the newest release checked.
         "torch>=2.11,<2.15",
@@ -57,6 +59,9 @@ setup(
             "prometheus-client>=0.17",
             "pydantic>=2",
             "openai>=1.40",
+            # the chat page's browser tests (tests/serving/test_webui_browser.py) drive Debian's
+            # /usr/bin/chromium; no browser is downloaded
+            "playwright>=1.40",
             # the Ray Serve tests (tests/serving/test_ray*.py): the 'ray' extra
             "ray[serve]>=2.56",
         ],

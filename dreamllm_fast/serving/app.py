@@ -4,7 +4,9 @@ deployment mounts the same app (`serve.ingress(create_app(None, cfg, manage_sche
 then sets ``app.state.scheduler`` in the replica).
 
 Routes: POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models[/{id}],
-GET /health (open; 503 until the scheduler is ready), GET /metrics (Prometheus text).
+GET /health (open; 503 until the scheduler is ready), GET /metrics (Prometheus text), GET / and
+/ui/* (the chat page, open: serving/webui.py). A streamed interleaved answer carries the progress
+of an image being drawn as an extension field of its deltas (serving/progress.py).
 Errors are OpenAI's error JSON with the matching status (400 bad input, 401 key, 404 model or
 route, 413 body, 429 queue full + Retry-After, 503 not ready, 500 bug). A client that disconnects
 (streamed or not) cancels its request, which frees its queue place or KV slot.
@@ -27,6 +29,7 @@ from .. import __version__
 from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError,
                       InvalidInputError)
 from .metrics import ServingMetrics
+from .progress import ImageProgress
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
                        ImageGenerationRequest, ServeConfig, chat_chunk, chat_completion,
                        chat_request, decode_json_body, image_part, images_request, images_response, model_card,
@@ -34,6 +37,7 @@ from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompl
 from .scheduler import (ChoiceDone, ImageResult, NotReadyError, QueueFullError, RequestFailed,
                         RequestHandle, Scheduler, TextDelta)
 from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
+from .webui import add_webui
 
 log = logging.getLogger("dreamllm_fast.serving")
 ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
@@ -76,6 +80,7 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
     app.add_middleware(_StatusCounter, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
     _add_error_handlers(app)
+    add_webui(app)  # GET / (the chat page) and /ui/* (serving/webui.py)
 
     def auth(request: Request) -> None:
         if not api_key_ok(request.headers.get("authorization"), cfg.api_key):
@@ -286,6 +291,10 @@ async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: 
                 completion += ev.completion_tokens
                 yield chunk([{"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
                               "logprobs": None, "finish_reason": ev.finish_reason}])
+                continue
+            if isinstance(ev, ImageProgress):  # an image being drawn: extension field, no content
+                delta = ev.delta() if ev.preview is None else await anyio.to_thread.run_sync(ev.delta)
+                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
                 continue
             if first:
                 metrics.ttft.labels(route).observe(time.monotonic() - t0)

@@ -61,6 +61,7 @@ from ..diffusion import (DiffusionJob, decode_latents, denoise_step_isolated, ma
                          prepare_latents, to_pil)
 from ..errors import InvalidInputError
 from ..sampling import draw_seed
+from .progress import progress_event
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, NotReadyError,
                         QueueFullError, RateMeter, RequestFailed, RequestHandle, SchedulerStats,
                         WorkerScheduler)
@@ -529,6 +530,8 @@ class BatchedScheduler(WorkerScheduler):
             self.trace.append(("unet", [(c.req.handle.request_id, c.index, job.index)
                                         for c, job in active if not c.done]))
         for c, job in active:
+            if c.req.kind == "interleaved" and not c.done:  # live progress (serving/progress.py)
+                c.req.handle.emit(progress_event(c.index, job.index, len(job.timesteps), job.latents))
             if job.done and not c.done:
                 self._images.remove((c, job))
                 try:
