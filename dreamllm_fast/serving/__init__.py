@@ -14,7 +14,8 @@ from .media import MediaLimits
 from .protocol import ServeConfig
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageOptions, ImageResult,
                         NotReadyError, QueueFullError, RequestFailed, RequestHandle, Scheduler,
-                        SchedulerStats, TextDelta, WorkerScheduler)
+                        SchedulerStats, TextDelta)
+from .worker import WorkerScheduler
 from .batched import BatchedScheduler, serving_engine_config
 from .sequential import SequentialScheduler
 

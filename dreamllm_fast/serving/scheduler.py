@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from ..errors import DreamLLMError
 from ..sampling import SamplingParams
 
 Kind = Literal["chat", "interleaved", "image"]
+log = logging.getLogger("dreamllm_fast.serving")
 
 
 # -- errors the HTTP layer maps to status codes ---------------------------------------------------
@@ -213,26 +214,6 @@ class StopStrings:
 
 
 # -- stats -----------------------------------------------------------------------------------------
-class RateMeter:
-    """Tokens per second over a sliding window (default 10 s), for the /metrics gauge."""
-
-    def __init__(self, window_s: float = 10.0):
-        self.window_s = window_s
-        self._events: collections.deque = collections.deque()
-        self._lock = threading.Lock()
-
-    def add(self, n: int, now: Optional[float] = None) -> None:
-        with self._lock:
-            self._events.append((time.monotonic() if now is None else now, n))
-
-    def rate(self, now: Optional[float] = None) -> float:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            while self._events and self._events[0][0] < now - self.window_s:
-                self._events.popleft()
-            return sum(n for _, n in self._events) / self.window_s
-
-
 @dataclass
 class SchedulerStats:
     """A snapshot for /metrics and the load benchmark. Counters are cumulative since start."""
@@ -312,66 +293,3 @@ class Scheduler(abc.ABC):
                 break
             time.sleep(0.02)
         return self.health().ready
-
-
-class WorkerScheduler(Scheduler):
-    """A scheduler whose one worker thread (`_worker`) loads, warms up and then owns the pipeline;
-    the shared lifecycle of the batched and sequential schedulers."""
-
-    _thread_name = "dreamllm-worker"
-
-    def _init_worker(self, load) -> None:
-        self._load = load if callable(load) else (lambda: load)
-        self._pipe = None
-        self._health = Health(False, "not started")
-        self._thread: Optional[threading.Thread] = None
-        self._broken: Optional[BaseException] = None  # a device error: no request can succeed now
-        self._cv = threading.Condition()  # guards the queue and `_closing`
-        self._closing = False
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._health = Health(False, "loading the model")
-        self._thread = threading.Thread(target=self._worker, name=self._thread_name, daemon=True)
-        self._thread.start()
-
-    def health(self) -> Health:
-        return self._health
-
-    @property
-    def max_context(self) -> int:
-        return self._pipe.max_len if self._pipe is not None else 0
-
-    @property
-    def image_tokens(self) -> int:
-        return self._pipe.config.image_span_len if self._pipe is not None else 0
-
-    @property
-    def pipeline(self):
-        """The pipeline this scheduler owns (None until loaded); only its worker thread calls it."""
-        return self._pipe
-
-    def _check_ready(self, closing_first: bool = False) -> None:
-        """Raise NotReadyError unless the model is up and the scheduler open: on entry to
-        `submit`, and again under `_cv` just before queueing (the worker may have stopped since)."""
-        if closing_first and self._closing:
-            raise NotReadyError("the server is shutting down; retry elsewhere")
-        if self._pipe is None or not self._health.ready or self._closing:
-            raise NotReadyError(f"the model is not ready ({self._health.detail}); retry later")
-
-    @staticmethod
-    def _refuse(handles, message: str) -> None:
-        """Fail requests that never started (queued at a shutdown or a device failure)."""
-        for h in handles:
-            h.emit(RequestFailed(NotReadyError(message)))
-            h.close()
-
-    @staticmethod
-    def _device_failed_detail(e: BaseException) -> str:
-        return f"the device failed ({type(e).__name__}: {str(e).splitlines()[0]}); restart the server"
-
-    @abc.abstractmethod
-    def _worker(self) -> None:
-        """Load (report failures through `health()`), then serve until shut down."""
-

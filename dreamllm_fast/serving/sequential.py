@@ -16,7 +16,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import time
 from typing import Callable, Optional, Union
 
@@ -26,9 +25,9 @@ from ..devices import device_failed
 from ..diffusion import check_diffusion_args, max_inference_steps
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
-from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult,
-                        QueueFullError, RateMeter, RequestFailed, RequestHandle, SchedulerStats,
-                        StopStrings, WorkerScheduler, emit_text)
+from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, RequestFailed,
+                        RequestHandle, SchedulerStats, StopStrings, emit_text)
+from .worker import WorkerScheduler
 
 log = logging.getLogger("dreamllm_fast.serving")
 
@@ -42,33 +41,14 @@ class SequentialScheduler(WorkerScheduler):
 
     def __init__(self, load: Union[Callable[[], object], object], *, max_queue: int = 64,
                  warmup: bool = True):
-        if not isinstance(max_queue, int) or max_queue < 1:
-            raise InvalidInputError(f"max_queue must be an integer >= 1, got {max_queue!r}")
-        self._init_worker(load)
-        self.max_queue = max_queue
-        self.warmup = warmup
-        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._init_worker(load, max_queue, warmup)
         self._running: Optional[RequestHandle] = None
-        self._rate = RateMeter()
-        self._latency_ema = 1.0  # seconds per request, for Retry-After
-        self._max_piece_chars = 64
-        self._counters = collections.Counter()
-        self._stages: collections.Counter = collections.Counter()
 
-    # -- lifecycle ----------------------------------------------------------------------------
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def _stop_running(self) -> None:
         with self._cv:
-            self._closing = True
-            pending = list(self._queue)
-            self._queue.clear()
             running = self._running
-            self._cv.notify_all()
-        self._refuse(pending, "the server is shutting down; retry elsewhere")
         if running is not None:
             running.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._health = Health(False, "shut down")
 
     # -- admission ----------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -77,25 +57,15 @@ class SequentialScheduler(WorkerScheduler):
         request, prompt_tokens = await asyncio.to_thread(self._prepare, pipe, request)
         handle = RequestHandle(request, prompt_tokens)
         handle._on_cancel = self._dequeue
-        with self._cv:
-            self._check_ready(closing_first=True)  # the worker may have stopped since
-            # the head of the queue is not waiting when the worker is free to take it
-            if len(self._queue) >= self.max_queue + (self._running is None):
-                self._counters["rejected"] += 1
-                wait = math.ceil(self._latency_ema * (len(self._queue) + 1))
-                raise QueueFullError(
-                    f"the request queue is full ({self.max_queue} waiting, one request served at "
-                    f"a time); retry after the Retry-After seconds or raise --max-queue",
-                    retry_after=min(60, max(1, wait)))
-            self._queue.append(handle)
-            self._cv.notify()
+        # the head of the queue is not waiting when the worker is free to take it
+        self._enqueue(handle, spare=int(self._running is None), served="one request served at a time")
         return handle
 
     def _dequeue(self, handle: RequestHandle) -> None:
         with self._cv:
             if handle in self._queue:  # still waiting: its place frees at once
                 self._queue.remove(handle)
-                self._counters["cancelled"] += 1
+                self._count("cancelled")
                 handle.close()
 
     def _prepare(self, pipe, req: GenerationRequest) -> tuple[GenerationRequest, int]:
@@ -105,25 +75,7 @@ class SequentialScheduler(WorkerScheduler):
         return p.request, p.prompt_tokens
 
     # -- the worker ---------------------------------------------------------------------------
-    def _worker(self) -> None:
-        try:
-            pipe = self._load()
-            if self.warmup:
-                t0 = time.perf_counter()
-                pipe.chat([{"role": "user", "content": "warm-up"}], max_new_tokens=2)
-                pipe.text_to_image("warm-up", num_inference_steps=1, progress=False)
-                log.info("warm-up took %.2f s", time.perf_counter() - t0)
-            self._max_piece_chars = max(8, max(len(t) for t in pipe.tokenizer.get_vocab()))
-        except BaseException as e:  # noqa: BLE001 - reported through /health, never raised
-            log.exception("loading the model failed")
-            self._health = Health(False, f"loading the model failed: {type(e).__name__}: {e}",
-                                  failed=True)
-            return
-        self._pipe = pipe
-        with self._cv:
-            if self._closing:  # shut down while loading: never report ready
-                return
-            self._health = Health(True, "ready")
+    def _serve(self, pipe) -> None:
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
@@ -157,7 +109,8 @@ class SequentialScheduler(WorkerScheduler):
                     break
                 g = torch.Generator(device=pipe.model.device).manual_seed(int(seed))
                 getattr(self, f"_run_{req.kind}")(pipe, handle, i, g)
-                self._stages.update(pipe.last_timings)
+                for stage, seconds in pipe.last_timings.items():
+                    self._stage_add(stage, seconds)
             if handle.cancelled:
                 outcome = "cancelled"
         except Exception as e:  # noqa: BLE001 - the request fails, the server keeps serving
@@ -169,7 +122,7 @@ class SequentialScheduler(WorkerScheduler):
                 self._broken = e
         finally:
             handle.close()
-            self._counters[outcome] += 1
+            self._count(outcome)
             self._latency_ema = 0.8 * self._latency_ema + 0.2 * (time.monotonic() - t0)
 
     def _finish(self, pipe, handle, i: int, reason: Optional[str]) -> None:
@@ -182,8 +135,8 @@ class SequentialScheduler(WorkerScheduler):
 
     def _counters_tokens(self, generated: int, prompt: int) -> None:
         self._rate.add(generated)
-        self._counters["generated_tokens"] += generated
-        self._counters["prompt_tokens"] += prompt
+        self._count("generated_tokens", generated)
+        self._count("prompt_tokens", prompt)
 
     def _run_chat(self, pipe, handle, i, g) -> None:
         req, sp = handle.request, handle.request.sampling
@@ -222,7 +175,7 @@ class SequentialScheduler(WorkerScheduler):
             else:
                 emit_text(handle, i, stop)  # a stop string cannot span an image
                 handle.emit(ImageResult(i, item))
-                self._counters["images"] += 1
+                self._count("images")
         emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
@@ -234,8 +187,8 @@ class SequentialScheduler(WorkerScheduler):
                                    negative_prompt=o.negative_prompt, generator=g, height=h,
                                    width=w, progress=False, sampler=o.sampler)[0]
         handle.emit(ImageResult(i, image))
-        self._counters["images"] += 1
-        self._counters["prompt_tokens"] += handle.prompt_tokens
+        self._count("images")
+        self._count("prompt_tokens", handle.prompt_tokens)
         handle.emit(ChoiceDone(i, "stop", 0))
 
     # -- stats --------------------------------------------------------------------------------
@@ -250,7 +203,8 @@ class SequentialScheduler(WorkerScheduler):
 
     def stats(self) -> SchedulerStats:
         used, total = self._kv_slots()
-        c = self._counters
+        c, stages = self._snapshot()
+        c = collections.Counter(c)
         with self._cv:
             depth, running = len(self._queue), int(self._running is not None)
         return SchedulerStats(
@@ -259,7 +213,7 @@ class SequentialScheduler(WorkerScheduler):
             tokens_per_second=self._rate.rate(), generated_tokens=c["generated_tokens"],
             prompt_tokens=c["prompt_tokens"], images_generated=c["images"],
             requests={k: c[k] for k in ("ok", "cancelled", "failed", "rejected")},
-            stage_seconds=dict(self._stages))
+            stage_seconds=stages)
 
 
 @dataclasses.dataclass

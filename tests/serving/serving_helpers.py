@@ -11,6 +11,8 @@ import time
 
 from PIL import Image, ImageDraw
 
+from dreamllm_fast.serving.batched import Observer
+
 
 class LiveServer:
     """uvicorn serving `app` on an ephemeral 127.0.0.1 port (the socket is bound here, so there
@@ -172,3 +174,21 @@ class GatedPipeline:
             raise
         finally:
             inner.close()
+
+
+class Recorder(Observer):
+    """The batched scheduler's observer in tests: `on_iteration(sched)`, when set, runs at the start
+    of every busy iteration (to hold or slow the worker); `trace`, when a list, records what each
+    stage ran as (stage, entries)."""
+
+    def __init__(self):
+        self.on_iteration = None
+        self.trace = None
+
+    def iteration(self, sched) -> None:
+        if self.on_iteration is not None:
+            self.on_iteration(sched)
+
+    def ran(self, stage: str, entries: list) -> None:
+        if self.trace is not None:
+            self.trace.append((stage, entries))

@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra 
 pytest.importorskip("prometheus_client", reason="the serving tests need prometheus-client")
 httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
 
-from serving_helpers import LiveServer, data_url, encode, scene, wait_until  # noqa: E402
+from serving_helpers import LiveServer, Recorder, data_url, encode, scene, wait_until  # noqa: E402
 
 from dreamllm_fast.config import EngineConfig  # noqa: E402
 from dreamllm_fast.engine.decode_batch import EngineDecodeBatch  # noqa: E402
@@ -49,7 +49,7 @@ def pipe(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    sched = BatchedScheduler(pipe, max_batch=SLOTS, max_queue=2, warmup=False)
+    sched = BatchedScheduler(pipe, observer=Recorder(), max_batch=SLOTS, max_queue=2, warmup=False)
     with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
         assert sched.wait_ready(60), sched.health()
         srv.sched = sched
@@ -61,7 +61,7 @@ def _reset(request):
     yield
     if "server" in request.fixturenames:
         s = request.getfixturevalue("server").sched
-        s.on_iteration, s.trace, s.prefill_chunk = None, None, None
+        s.observer.on_iteration, s.observer.trace, s.prefill_chunk = None, None, None
         wait_until(lambda: s.stats().running == 0 and s.stats().queue_depth == 0, 60, "an idle scheduler")
         assert s.kv_slots() == (0, SLOTS), "a test left KV slots held"
 
@@ -93,8 +93,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(server, ref_p
     token between every two of its chunks; both answers equal the pipeline's."""
     sched = server.sched
     sched.prefill_chunk = 16
-    sched.trace = []
-    sched.on_iteration = lambda s: time.sleep(0.02)  # A (71 tokens) outlasts B's 22 chunks
+    sched.observer.trace = []
+    sched.observer.on_iteration = lambda s: time.sleep(0.02)  # A (71 tokens) outlasts B's 22 chunks
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
                       json=chat(SKY, 70, stream=True)) as a:
         rid_a = a.headers["x-request-id"]
@@ -111,7 +111,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(server, ref_p
     assert out["r"].json()["choices"][0]["message"]["content"] == ref_pipe.chat(
         [{"role": "user", "content": LONG}], max_new_tokens=4)
     assert rest[-1] == "data: [DONE]"
-    trace = list(sched.trace)
+    trace = list(sched.observer.trace)
     chunks = [i for i, e in enumerate(trace) if e[0] == "prefill" and any(r == rid_b for r, _, _ in e[1])]
     sizes = [n for i in chunks for r, _, n in trace[i][1] if r == rid_b]
     n_prompt = len(ref_pipe.prompts.chat([{"role": "user", "content": LONG}]))
@@ -123,7 +123,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(server, ref_p
 
 def test_a_client_that_disconnects_during_decode_frees_its_slot(server, ref_pipe):
     sched = server.sched
-    sched.on_iteration = lambda s: time.sleep(0.02)  # ~1.5 s for 60 tokens: A leaves long before
+    sched.observer.on_iteration = lambda s: time.sleep(0.02)  # ~1.5 s for 60 tokens: A leaves long before
     before = sched.stats().requests["cancelled"]
     b, out = in_thread(post, server, chat(SKY, 30))
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
@@ -134,10 +134,10 @@ def test_a_client_that_disconnects_during_decode_frees_its_slot(server, ref_pipe
             next(lines)
         assert phase(sched, rid) == ["decode"]
         assert sched.kv_slots()[0] >= 1
-        sched.trace = []
+        sched.observer.trace = []
     # the connection is closed: the request leaves the loop within an iteration or two
     wait_until(lambda: not phase(sched, rid), 30, "the request to leave")
-    late = [r for e in sched.trace if e[0] == "decode" for r, _ in e[1] if r == rid]
+    late = [r for e in sched.observer.trace if e[0] == "decode" for r, _ in e[1] if r == rid]
     assert len(late) <= 3, f"{len(late)} tokens decoded after the client left"
     assert sched.stats().requests["cancelled"] == before + 1
     b.join(60)
@@ -151,7 +151,7 @@ def test_a_client_that_disconnects_during_a_dream_branch_frees_its_slot(server, 
     """An interleaved answer draws its image in 50 U-Net steps; the client leaves once it is
     drawing: the image stops within an iteration and the sequence's slot returns."""
     sched = server.sched
-    sched.trace = []
+    sched.observer.trace = []
     b, out = in_thread(post, server, chat(SKY, 40))
     body = chat(SKY, 75, stream=True, modalities=["text", "image"], num_inference_steps=50)
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json=body) as a:
@@ -159,7 +159,7 @@ def test_a_client_that_disconnects_during_a_dream_branch_frees_its_slot(server, 
         wait_until(lambda: phase(sched, rid) == ["diffuse"], 60, "the image to start")
         assert sched.kv_slots()[0] >= 1  # its sequence keeps its slot while the image draws
     wait_until(lambda: not phase(sched, rid), 30, "the request to leave")
-    steps = [s for e in sched.trace if e[0] == "unet" for r, _, s in e[1] if r == rid]
+    steps = [s for e in sched.observer.trace if e[0] == "unet" for r, _, s in e[1] if r == rid]
     assert 0 < len(steps) < 10, steps  # it stopped drawing at once (50 steps were asked)
     b.join(60)
     assert out["r"].json()["choices"][0]["message"]["content"] == ref_pipe.chat(SKY, max_new_tokens=40)
@@ -176,7 +176,7 @@ def test_a_client_that_disconnects_during_a_dream_branch_frees_its_slot(server, 
 def test_full_queue_gets_429_and_a_queued_client_that_leaves_frees_its_place(server):
     sched = server.sched
     gate = threading.Event()
-    sched.on_iteration = lambda s: gate.wait(30)  # the worker holds before admitting anything
+    sched.observer.on_iteration = lambda s: gate.wait(30)  # the worker holds before admitting anything
     try:
         a, out_a = in_thread(post, server, chat())
         wait_until(lambda: sched.stats().queue_depth == 1, 10, "A queued")
@@ -214,7 +214,7 @@ def test_a_failure_in_one_requests_work_fails_only_that_request(server, pipe, re
         return real(pixels)
 
     monkeypatch.setattr(pipe.model, "encode_images", encode)
-    sched.on_iteration = lambda s: time.sleep(0.01)
+    sched.observer.on_iteration = lambda s: time.sleep(0.01)
     b, out = in_thread(post, server, chat(SKY, 30))
     wait_until(lambda: sched.stats().running == 1, 10, "B running")
     boom.set()
@@ -253,7 +253,7 @@ def test_a_failed_decode_step_fails_its_sequences_and_the_server_keeps_serving(s
     c, out_c = in_thread(post, server, body)
     wait_until(lambda: "diffuse" in [p for _, _, p in sched.phases()], 60, "C drawing its image")
     (rid_c,) = [r for r, _, p in sched.phases() if p == "diffuse"]
-    sched.on_iteration = lambda s: time.sleep(0.01)
+    sched.observer.on_iteration = lambda s: time.sleep(0.01)
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
                       json=chat(SKY, 60, stream=True)) as a:
         lines = a.iter_lines()
@@ -299,7 +299,7 @@ def test_health_is_503_until_loaded_and_a_failed_load_is_reported(tiny_ckpt, tmp
         release.wait(30)
         return DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", progress=False)
 
-    sched = BatchedScheduler(load, warmup=True)
+    sched = BatchedScheduler(load, observer=Recorder(), warmup=True)
     with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
         r = httpx.get(srv.url + "/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
@@ -325,11 +325,11 @@ def test_bad_settings_are_refused():
 def test_images_of_one_request_share_a_u_net_call(server):
     """n = 3 images of one text-to-image request denoise together, one U-Net call per step."""
     sched = server.sched
-    sched.trace = []
+    sched.observer.trace = []
     r = post(server, {"model": MODEL, "prompt": "a red house", "n": 3, "num_inference_steps": 2,
                       "seed": 4}, "/v1/images/generations")
     assert r.status_code == 200 and len(r.json()["data"]) == 3
-    unet = [e[1] for e in sched.trace if e[0] == "unet"]
+    unet = [e[1] for e in sched.observer.trace if e[0] == "unet"]
     assert [len(u) for u in unet] == [3, 3]
     imgs = [np.asarray(x) for x in r.json()["data"]]
     assert len({str(i) for i in imgs}) == 3

@@ -13,6 +13,7 @@ In-process (no HTTP): the tiny checkpoint on the engine's CPU path, 3 KV slots.
 import asyncio
 import time
 
+from serving_helpers import Recorder  # noqa: E402
 import pytest
 
 from dreamllm_fast.config import EngineConfig
@@ -31,7 +32,7 @@ def sched(tiny_ckpt):
     pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", backend="engine",
                                             progress=False,
                                             engine_config=EngineConfig(max_batch=3, precision="fp32"))
-    s = BatchedScheduler(pipe, max_batch=3, warmup=False)
+    s = BatchedScheduler(pipe, observer=Recorder(), max_batch=3, warmup=False)
     s.start()
     assert s.wait_ready(60), s.health()
     yield s
@@ -78,7 +79,7 @@ def test_a_batch_mates_cancel_does_not_strand_the_last_token(sched):
                     fired.append(s.loop._batch.inflight)
                     ha.cancel()
 
-        sched.on_iteration = hook
+        sched.observer.on_iteration = hook
         tb, ta = asyncio.create_task(collect(hb)), asyncio.create_task(collect(ha))
         evs = await asyncio.wait_for(tb, 30)
         await ta
@@ -102,7 +103,7 @@ def test_a_second_step_failure_spares_a_choice_drawing_its_image(sched, monkeypa
         return real(self)
 
     monkeypatch.setattr(EngineDecodeBatch, "launch", launch)
-    sched.on_iteration = lambda s: time.sleep(0.01)
+    sched.observer.on_iteration = lambda s: time.sleep(0.01)
 
     async def main():
         hi = await sched.submit(req("interleaved", 75, "I", steps=400))

@@ -27,7 +27,7 @@ pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra 
 pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra (uvicorn)")
 openai = pytest.importorskip("openai", reason="the serving tests drive the server with the openai client")
 
-from serving_helpers import LiveServer, data_url, decode_b64_png, encode, scene  # noqa: E402
+from serving_helpers import LiveServer, Recorder, data_url, decode_b64_png, encode, scene  # noqa: E402
 
 from dreamllm_fast.config import EngineConfig  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
@@ -180,8 +180,8 @@ def setup(tiny_ckpt):
     pipe.unet = _Contexts(pipe.unet)
     want = [_expected(pipe, kind, a) for kind, a in REQUESTS]
     want_ctx, pipe.unet.rows = _distinct(pipe.unet.rows), []
-    sched = BatchedScheduler(pipe, max_batch=6, max_queue=32, warmup=False)
-    sched.trace = []
+    sched = BatchedScheduler(pipe, observer=Recorder(), max_batch=6, max_queue=32, warmup=False)
+    sched.observer.trace = []
     with LiveServer(create_app(sched, ServeConfig(model_name=MODEL, max_temperature=8.0))) as srv:
         assert sched.wait_ready(60), sched.health()
         srv.sched = sched
@@ -244,7 +244,7 @@ def test_sixteen_concurrent_requests_equal_the_one_request_pipeline(setup):
     print(f"conditions: {len(want_ctx)} expected, {len(got_ctx)} used, largest distance {drift:.1e}")
     assert len(got_ctx) >= len(want_ctx) and drift <= COND_TOL
     # the load was really batched
-    trace = srv.sched.trace
+    trace = srv.sched.observer.trace
     assert max(len(e[1]) for e in trace if e[0] == "decode") >= 4
     assert max(len(e[1]) for e in trace if e[0] == "unet") >= 2
     assert max(len(e[1]) for e in trace if e[0] == "prefill") >= 2

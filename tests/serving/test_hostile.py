@@ -16,7 +16,7 @@ pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra 
 pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra (uvicorn)")
 httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
 
-from serving_helpers import LiveServer, wait_until  # noqa: E402
+from serving_helpers import LiveServer, Recorder, wait_until  # noqa: E402
 
 from dreamllm_fast.config import EngineConfig  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
@@ -36,7 +36,7 @@ def server(tiny_ckpt):
     pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", backend="engine",
                                             progress=False,
                                             engine_config=EngineConfig(max_batch=SLOTS, precision="fp32"))
-    sched = BatchedScheduler(pipe, max_batch=SLOTS, max_queue=4, warmup=False)
+    sched = BatchedScheduler(pipe, observer=Recorder(), max_batch=SLOTS, max_queue=4, warmup=False)
     with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
         assert sched.wait_ready(60), sched.health()
         srv.sched = sched
@@ -100,7 +100,7 @@ def test_every_bad_input_is_a_400_and_innocent_requests_beside_it_are_unchanged(
 
     threads = [threading.Thread(target=innocent, args=("sky", SKY, 40)),
                threading.Thread(target=innocent, args=("sea", SEA, 30))]
-    sched.on_iteration = lambda s: time.sleep(0.1)  # keep them decoding meanwhile
+    sched.observer.on_iteration = lambda s: time.sleep(0.1)  # keep them decoding meanwhile
     try:
         for t in threads:
             t.start()
@@ -114,7 +114,7 @@ def test_every_bad_input_is_a_400_and_innocent_requests_beside_it_are_unchanged(
             assert_openai_error(r, 400, *words)
         assert sched.stats().running == 2, "the bad inputs ended before the innocent ones"
     finally:
-        sched.on_iteration = None
+        sched.observer.on_iteration = None
     for t in threads:
         t.join(300)
     assert out["sky"].json()["choices"][0]["message"]["content"] == ref_pipe.chat(SKY, max_new_tokens=40)

@@ -17,6 +17,7 @@ import asyncio
 import threading
 
 import numpy as np
+from serving_helpers import Recorder  # noqa: E402
 import pytest
 import torch
 
@@ -94,7 +95,7 @@ def _first_timestep(pipe, steps: int) -> int:
 def marked(request, engine_pipe):
     model = Marked(engine_pipe.model, request.param, _first_timestep(engine_pipe, MARK_STEPS))
     pipe = DreamLLMPipeline(model, engine_pipe.tokenizer, progress=False)
-    sched = BatchedScheduler(pipe, max_batch=SLOTS, warmup=False)
+    sched = BatchedScheduler(pipe, observer=Recorder(), max_batch=SLOTS, warmup=False)
     sched.start()
     assert sched.wait_ready(60), sched.health()
     yield sched, model
@@ -117,7 +118,7 @@ def image(prompt, steps, rid, seed):
 def run_together(sched, requests):
     """Queue every request while the worker is held, then collect each one's events."""
     gate = threading.Event()
-    sched.on_iteration = lambda s: gate.wait(30)
+    sched.observer.on_iteration = lambda s: gate.wait(30)
 
     async def main():
         handles = [await sched.submit(r) for r in requests]
@@ -128,7 +129,7 @@ def run_together(sched, requests):
     try:
         return asyncio.run(main())
     finally:
-        sched.on_iteration = None
+        sched.observer.on_iteration = None
         gate.set()
 
 

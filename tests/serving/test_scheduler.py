@@ -19,7 +19,8 @@ from serving_helpers import GatedPipeline, LiveServer, wait_until  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import (GenerationRequest, RequestHandle, SequentialScheduler,  # noqa: E402
                                    ServeConfig, TextDelta, create_app)
-from dreamllm_fast.serving.scheduler import RateMeter, StopStrings  # noqa: E402
+from dreamllm_fast.serving.scheduler import StopStrings  # noqa: E402
+from dreamllm_fast.serving.worker import RateMeter  # noqa: E402
 
 MODEL = "tiny"
 

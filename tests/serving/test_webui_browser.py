@@ -29,7 +29,7 @@ if not CHROMIUM:
                 "DREAMLLM_CHROMIUM to a Chromium binary", allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
-from serving_helpers import LiveServer, encode, scene, wait_until  # noqa: E402
+from serving_helpers import LiveServer, Recorder, encode, scene, wait_until  # noqa: E402
 
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import ServeConfig, create_app  # noqa: E402
@@ -60,7 +60,7 @@ new MutationObserver(() => {
 def tiny_server(tiny_ckpt):
     pipe = DreamLLMPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32",
                                             backend="reference", progress=False)
-    sched = BatchedScheduler(pipe, warmup=False)
+    sched = BatchedScheduler(pipe, observer=Recorder(), warmup=False)
     with LiveServer(create_app(sched, ServeConfig(model_name="tiny"))) as srv:
         assert sched.wait_ready(60), sched.health()
         srv.sched = sched
@@ -78,7 +78,7 @@ def stub_server(tiny_ckpt):
     ids = tok.encode(XSS_ANSWER, add_special_tokens=False)
     model = StubModel(DreamLLMConfig.from_name("tiny"), SpecialTokens.from_tokenizer(tok), ids,
                       dream_every=len(ids))
-    sched = BatchedScheduler(DreamLLMPipeline(model, tok, progress=False), warmup=False,
+    sched = BatchedScheduler(DreamLLMPipeline(model, tok, progress=False), warmup=False, observer=Recorder(),
                              max_queue=1, max_batch=1)
     with LiveServer(create_app(sched, ServeConfig(model_name="stub", api_key=KEY))) as srv:
         assert sched.wait_ready(60), sched.health()
@@ -358,7 +358,7 @@ def test_429_and_400_are_shown(stub_server, ui):
         entered.set()
         gate.wait(30)
 
-    sched.on_iteration = hold  # the worker stops before admitting the next request
+    sched.observer.on_iteration = hold  # the worker stops before admitting the next request
     out = {}
     body = {"model": "stub", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     t = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
@@ -370,7 +370,7 @@ def test_429_and_400_are_shown(stub_server, ui):
         u.send("am I in?")
         u.wait_done()
     finally:
-        sched.on_iteration = None
+        sched.observer.on_iteration = None
         gate.set()
         t.join(60)
     assert out["r"].status_code == 200
