@@ -7,7 +7,7 @@ Reports host microseconds per generated token (median, p20, p80 of `--repeats` c
 and for interleaved generation (3 images), at each length: the whole call per token, the decode
 loop's share, and the ratio to the shortest answer (flat in length = ~1 or below). Target (issue
 12): <= 50 us per token, 2,000 tokens within 1.2x of 250. The same code is the `host` stage of
-`dreamllm-fast bench` (dreamllm_fast/host_overhead.py). Machines are shared and noisy: compare
+`dreamllm-fast bench` (dreamllm_fast/devtools/host_overhead.py). Machines are shared and noisy: compare
 medians of several runs, never single calls.
 """
 import argparse
@@ -16,7 +16,7 @@ import sys
 import torch
 
 from benchmarks.harness import print_rows, write_results
-from dreamllm_fast.host_overhead import LENGTHS, measure_host_overhead
+from dreamllm_fast.devtools.host_overhead import LENGTHS, measure_host_overhead
 
 
 def main(argv=None) -> int:

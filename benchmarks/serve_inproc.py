@@ -48,7 +48,7 @@ def build_pipeline(preset: str, device, dtype, max_batch: int, max_seq: int):
     from dreamllm_fast.checkpoint import load_checkpoint, load_tokenizer
     from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
     from dreamllm_fast.engine import EngineModel
-    from dreamllm_fast.engine.testing import random_checkpoint
+    from dreamllm_fast.devtools.testing import random_checkpoint
     from dreamllm_fast.pipeline import DreamLLMPipeline
     from dreamllm_fast.serving import serving_engine_config
 

@@ -25,7 +25,7 @@ def model(request, tmp_path_factory):
     special = SpecialTokens.from_tokenizer(load_tokenizer(tiny))
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     if CUDA:
-        from dreamllm_fast.engine.testing import random_checkpoint
+        from dreamllm_fast.devtools.testing import random_checkpoint
 
         ckpt = random_checkpoint(DreamLLMConfig.from_name("dreamllm-7b"), device=device, dtype=dtype)
     else:

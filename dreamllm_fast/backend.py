@@ -2,7 +2,7 @@
 
 Three backends implement these protocols: the engine (dreamllm_fast/engine/model.py), the
 transformers + diffusers reference (dreamllm_fast/reference/model.py) and the stub whose math costs
-nothing (dreamllm_fast/stub.py). Callers (dreamllm_fast/pipeline.py, dreamllm_fast/decoding.py,
+nothing (dreamllm_fast/devtools/stub.py). Callers (dreamllm_fast/pipeline.py, dreamllm_fast/decoding.py,
 dreamllm_fast/serving/) use only what is declared here: no probing for optional methods.
 
 `DecodeBatchBase` is the bookkeeping every backend's decode batch shares (steps launched and read,

@@ -367,6 +367,10 @@ class EngineConfig:
     prefill_chunk: Optional[int] = None  # tokens per pass; default: the largest bucket (none: no chunking)
     unet_backend: str = "eager"
     vae_backend: str = "eager"
+    # The "logits" decode step (one embedding per row in, logits out: `extend_batch` of single
+    # tokens) is captured only when asked for: the decode loop never uses it, benchmarks of a bare
+    # decode step and graph-vs-eager parity checks do. The loop's greedy/sample steps always are.
+    capture_logits_graphs: bool = False
     weights: WeightFormat = WeightFormat.BF16  # LLaMA linears + LM head: bf16 (as loaded), int8, fp8
 
     def __post_init__(self):

@@ -6,7 +6,7 @@ model math, through the protocols of dreamllm_fast/backend.py (`Backend`, `Sessi
 `DecodeBatch`).
 
 ``backend="reference"`` is the transformers + diffusers oracle (dreamllm_fast/reference);
-``backend="engine"`` the fast engine (dreamllm_fast/engine); dreamllm_fast/stub.py a backend
+``backend="engine"`` the fast engine (dreamllm_fast/engine); dreamllm_fast/devtools/stub.py a backend
 whose math costs nothing (host-overhead benchmark, loop tests).
 
 Each call is a list of named, timed steps (check_inputs -> encode -> prefill -> decode ->

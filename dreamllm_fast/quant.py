@@ -81,7 +81,7 @@ def check_device_supports(fmt: "WeightFormat | str", device) -> None:
     """Raise InvalidInputError when `device` cannot run `fmt` (fp8 below compute capability 8.9).
 
     CPU tensors run the torch reference (every format). Fake CUDA tensors on a machine without a
-    driver (engine/check7b.py) stand for an H100 (sm_90), as kernels/_utils.num_sms does.
+    driver (devtools/check7b.py) stand for an H100 (sm_90), as kernels/_utils.num_sms does.
     """
     fmt, device = WeightFormat.parse(fmt), torch.device(device)
     if fmt is not WeightFormat.FP8 or device.type != "cuda" or not torch.cuda.is_available():

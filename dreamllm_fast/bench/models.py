@@ -45,7 +45,7 @@ def build_checkpoint(preset: Optional[str], checkpoint: Optional[str], device, d
     special = SpecialTokens.from_tokenizer(load_tokenizer(tiny))
     if resolve_preset(preset, None, torch.device(device)) == "tiny":
         return load_checkpoint(tiny), special
-    from ..engine.testing import random_checkpoint
+    from ..devtools.testing import random_checkpoint
 
     return random_checkpoint(DreamLLMConfig.from_name(preset), device=device, dtype=dtype), special
 
@@ -58,7 +58,9 @@ def build_models(backends, preset, checkpoint, device, dtype) -> dict:
         if name in ("engine", "engine_eager"):
             from ..engine import EngineModel
 
-            ec = EngineConfig(precision=Precision.parse(dtype), use_cuda_graphs=name == "engine")
+            # the bench times bare decode steps (one embedding in, logits out): capture that step too
+            ec = EngineConfig(precision=Precision.parse(dtype), use_cuda_graphs=name == "engine",
+                              capture_logits_graphs=True)
             models[name] = EngineModel(ckpt, special, device=device, dtype=dtype, engine_config=ec)
         elif name == "reference":
             from ..reference import ReferenceModel

@@ -354,7 +354,7 @@ def bench_interleaved(models: dict, s: BenchSettings) -> list[dict]:
              m.device, None, tokens=s.interleaved_tokens, images=s.interleaved_images)])
 
 
-from ..host_overhead import bench_decode_loop, bench_host_overhead  # noqa: E402  (decode loop's stages)
+from ..devtools.host_overhead import bench_decode_loop, bench_host_overhead  # noqa: E402  (decode loop's stages)
 
 RUNNERS = {"vision": bench_vision, "prefill": bench_prefill, "decode": bench_decode,
            "dream": bench_dream, "projection": bench_projection, "unet": bench_unet,

@@ -21,7 +21,7 @@ scratch, so the graph sees no first-call work). Warm-up, capture and replay go t
 backend of engine/graphs.py (`warmup(fn)`, `capture(fn) -> (graph, out)`, `replay(graph)`,
 `synchronize()`), shared with the prefill graphs so that every graph lands in one pool:
 `CudaGraphs` by default; `StandInGraphs` re-runs the step at replay, so the whole runner runs on
-the CPU and on fake CUDA tensors (tests/decoding/test_engine_loop.py, engine/check7b.py). Padding rows carry zero embeddings / id 0, length 0,
+the CPU and on fake CUDA tensors (tests/decoding/test_engine_loop.py, devtools/check7b.py). Padding rows carry zero embeddings / id 0, length 0,
 inc 0 and the cache's scratch slot, so they write only scratch K/V and never touch a live sequence.
 Outputs are views into graph memory: callers clone them before the next replay.
 """

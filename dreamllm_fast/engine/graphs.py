@@ -10,7 +10,7 @@ things to a backend: warm-ups before capture, capture of a step, replay. Two bac
 - `StandInGraphs`: captures by running the step once and replays by running it again, copying the
   new outputs into the captured output tensors (what a replay does to graph memory). It needs no
   driver, so the whole runner code path runs on the CPU and on fake CUDA tensors; an optional
-  `guard` (e.g. `engine.fake_cuda.NoHostSync`) wraps every captured or replayed run, and an optional
+  `guard` (e.g. `devtools.fake_cuda.NoHostSync`) wraps every captured or replayed run, and an optional
   `memory` probe gives a pool-size estimate from the live bytes during each capture.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@
   length bucket and replayed from the bucket's captured graph on CUDA (the same bucketed step runs
   eagerly without graphs). All graphs share one memory pool; `graph_memory` reports it.
 - `graph_backend`: real CUDA graphs by default on CUDA; `engine.graphs.StandInGraphs` runs the whole
-  capture/replay path without a driver (CPU tests, fake-CUDA checks in engine/check7b.py).
+  capture/replay path without a driver (CPU tests, fake-CUDA checks in devtools/check7b.py).
 - `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
   embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
   batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
@@ -43,7 +43,7 @@ from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from ..quant import check_device_supports
 from ..sampling import SamplingParams, sample_next
-from .cuda_graph import CudaGraphRunner, DecodeBuffers
+from .cuda_graph import MODES, CudaGraphRunner, DecodeBuffers
 from .decode_batch import EngineDecodeBatch
 from .graphs import CudaGraphs
 from .llm import KVCache, LlamaRunner, LlamaWeights, round_up
@@ -160,7 +160,9 @@ class EngineModel(EagerDiffusionHead):
                 emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
                 self.prefill._pass([emb], [0], [self.cache.scratch_slot])
         if capture_sizes:
-            self.graphs = CudaGraphRunner(self._step, self.bufs, capture_sizes, self.device, backend=backend)
+            modes = MODES if self.engine_config.capture_logits_graphs else tuple(m for m in MODES if m != "logits")
+            self.graphs = CudaGraphRunner(self._step, self.bufs, capture_sizes, self.device, backend=backend,
+                                          modes=modes)
             self.graphs.capture()
         backend.synchronize()
         self.warmup_seconds = time.perf_counter() - t0
@@ -173,16 +175,6 @@ class EngineModel(EagerDiffusionHead):
                  self.prefill.buckets[-1] if self.prefill.buckets else "-",
                  self.graph_memory["decode_graphs"], self.warmup_seconds,
                  self.graph_memory["pool_bytes"] / 2**20, self.cache.nbytes / 2**20)
-
-    @contextlib.contextmanager
-    def graphs_disabled(self):
-        """Run every step eagerly (same bucketed shapes) inside the block: graph == eager tests."""
-        saved, use = self.graphs, self.prefill.use_graphs
-        self.graphs, self.prefill.use_graphs = None, False
-        try:
-            yield
-        finally:
-            self.graphs, self.prefill.use_graphs = saved, use
 
     # -- embeddings ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,7 +8,7 @@ from dreamllm_fast.checkpoint import load_tokenizer
 from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
 from dreamllm_fast.pipeline import DreamLLMPipeline
 from dreamllm_fast.sampling import SamplingParams
-from dreamllm_fast.stub import StubModel
+from dreamllm_fast.devtools.stub import StubModel
 
 GREEDY = SamplingParams(max_new_tokens=4)
 

@@ -24,7 +24,8 @@ def _engine(tiny_ckpt, dtype, max_batch=4):
 
     ck = load_checkpoint(tiny_ckpt)
     tok = load_tokenizer(tiny_ckpt)
-    ec = EngineConfig(max_batch=max_batch, precision=dtype, cuda_graph_batch_sizes=(1, 2, 4))
+    ec = EngineConfig(max_batch=max_batch, precision=dtype, cuda_graph_batch_sizes=(1, 2, 4),
+                      capture_logits_graphs=True)
     return EngineModel(ck, SpecialTokens.from_tokenizer(tok), "cuda", dtype, engine_config=ec), tok
 
 

@@ -3,7 +3,7 @@ timing assertions; benchmarks are not tests)."""
 import torch
 
 from dreamllm_fast.bench.stages import RUNNERS, STAGES, BenchSettings
-from dreamllm_fast.host_overhead import bench_decode_loop, measure_host_overhead, stub_pipeline
+from dreamllm_fast.devtools.host_overhead import bench_decode_loop, measure_host_overhead, stub_pipeline
 
 
 def test_host_overhead_rows(tiny_ckpt):

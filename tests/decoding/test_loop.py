@@ -12,7 +12,7 @@ from dreamllm_fast.checkpoint import load_tokenizer
 from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
 from dreamllm_fast.decoding import DecodeLoop, State
 from dreamllm_fast.sampling import SamplingParams
-from dreamllm_fast.stub import StubModel
+from dreamllm_fast.devtools.stub import StubModel
 
 WORDS = list(range(259, 384))  # the tiny tokenizer's merged pieces
 PROMPT = 10

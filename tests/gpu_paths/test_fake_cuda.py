@@ -1,6 +1,6 @@
 """The whole engine at the released 7B shapes on FAKE CUDA tensors, every CI run (issue 10 item 3b).
 
-`python -m dreamllm_fast.engine.check7b --json` (a subprocess: Triton must run compiled, not in
+`python -m dreamllm_fast.devtools.check7b --json` (a subprocess: Triton must run compiled, not in
 the interpreter this suite enables) builds the dreamllm-7b engine in bf16 on device "cuda" from a
 fake checkpoint under FakeTensorMode with the default EngineConfig (ctx 2048), captures every graph
 through the stand-in backend with `NoHostSync` around each captured and replayed step, and runs
@@ -29,7 +29,7 @@ GiB = 2 ** 30
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.engine.check7b", "--json"], env=env,
+    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.devtools.check7b", "--json"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"fake-CUDA run failed:\n{p.stderr[-4000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])

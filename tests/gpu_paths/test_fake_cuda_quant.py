@@ -1,6 +1,6 @@
 """The int8 weight-only engine at the released 7B shapes on FAKE CUDA tensors (issue 23).
 
-`python -m dreamllm_fast.engine.check7b --weights int8 --json --no-plants` (a subprocess, as in
+`python -m dreamllm_fast.devtools.check7b --weights int8 --json --no-plants` (a subprocess, as in
 test_fake_cuda.py): the 7B engine in bf16 with every LLaMA linear and the LM head quantized to
 int8 at load, on the device; every prefill bucket and decode size captured through the stand-in
 backend under `NoHostSync` (quant_linear's launch plan and split-K scratch inside captured steps),
@@ -34,7 +34,7 @@ GiB = 2 ** 30
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.engine.check7b", "--json", "--no-plants",
+    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.devtools.check7b", "--json", "--no-plants",
                         "--weights", "int8"], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"fake-CUDA int8 run failed:\n{p.stderr[-4000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])

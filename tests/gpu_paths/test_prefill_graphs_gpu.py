@@ -13,6 +13,7 @@ import torch
 
 from dreamllm_fast.checkpoint import load_checkpoint
 from dreamllm_fast.config import EngineConfig, SpecialTokens
+from dreamllm_fast.devtools.parity import graphs_disabled
 
 HAS_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 pytestmark = pytest.mark.skipif(not HAS_SM80, reason="needs an Ampere-or-newer NVIDIA GPU (bf16, CUDA graphs); none found")
@@ -36,7 +37,7 @@ def _both(m, fn):
     """fn() with graphs replayed, then eagerly (same bucketed shapes); fresh sessions each time."""
     assert sorted(m.prefill.graphs) == list(BUCKETS) and m.prefill.use_graphs
     got = fn()
-    with m.graphs_disabled():
+    with graphs_disabled(m):
         assert not m.prefill.use_graphs
         want = fn()
     return got, want

@@ -17,8 +17,8 @@ from dreamllm_fast.checkpoint import load_checkpoint, load_tokenizer
 from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
 from dreamllm_fast.engine import EngineModel
 from dreamllm_fast.engine.graphs import StandInGraphs
-from dreamllm_fast.engine.parity import arbiter, format_drifts, greedy
-from dreamllm_fast.engine.testing import random_checkpoint
+from dreamllm_fast.devtools.parity import arbiter, format_drifts, greedy
+from dreamllm_fast.devtools.testing import random_checkpoint
 from dreamllm_fast.reference import ReferenceModel
 
 DRIFT_RATIO = 2.0  # style.md rule 6; measured 0.95-1.16 on the CPU (module docstring)
@@ -55,7 +55,8 @@ def test_greedy_helper_runs_both_backends_and_graph_switch(tiny_ckpt):
     special = SpecialTokens.from_tokenizer(ck.tokenizer())
     ref = ReferenceModel(ck, special, "cpu", torch.float32)
     eng = EngineModel(ck, special, "cpu", torch.float32, graph_backend=StandInGraphs(),
-                      engine_config=EngineConfig(precision="fp32", prefill_buckets=(32, 64)))
+                      engine_config=EngineConfig(precision="fp32", prefill_buckets=(32, 64),
+                                                 capture_logits_graphs=True))
     emb = ref.embed_tokens(list(range(3, 50)))
     tr, lr = greedy(ref, emb, 12)
     replays = eng.graph_backend.replays

@@ -2,7 +2,7 @@
 
 Skips on CPU. Tolerances marked "measure on GPU" are placeholders to set from the printed numbers
 of the first GPU run (style.md rule 9: every loosened tolerance cites its measured drift). The
-7B test compares both bf16 paths to an fp32 arbiter (dreamllm_fast/engine/parity.py; its CPU twin
+7B test compares both bf16 paths to an fp32 arbiter (dreamllm_fast/devtools/parity.py; its CPU twin
 is tests/parity/test_arbiter.py).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dreamllm_fast.checkpoint import load_tokenizer
-from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
-from dreamllm_fast.engine.parity import arbiter, format_drifts, greedy
+from dreamllm_fast.config import DreamLLMConfig, EngineConfig, Precision, SpecialTokens
+from dreamllm_fast.devtools.parity import arbiter, format_drifts, graphs_disabled, greedy
 from dreamllm_fast.pipeline import DreamLLMPipeline
 from dreamllm_fast.tiny import make_tiny
 
@@ -71,7 +71,8 @@ def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
 
     ck = load_checkpoint(tiny_dir)
     special = SpecialTokens.from_tokenizer(ck.tokenizer())
-    m = EngineModel(ck, special, device="cuda", dtype=dtype)
+    m = EngineModel(ck, special, device="cuda", dtype=dtype,
+                    engine_config=EngineConfig(precision=Precision.parse(dtype), capture_logits_graphs=True))
     emb = m.embed_tokens(list(range(3, 60)))
     tg, lg = greedy(m, emb, 64, graphs=True)
     te, le = greedy(m, emb, 64, graphs=False)
@@ -87,7 +88,7 @@ def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
     for i, n in enumerate((20, 33)):
         s = m.new_session()
         s.extend(emb[:n])
-        with m.graphs_disabled():
+        with graphs_disabled(m):
             one = s.extend(x[i:i + 1])
         s.close()
         assert torch.allclose(both[i], one, atol=2e-2, rtol=0), "batch-2 replay != eager batch-1"
@@ -99,7 +100,8 @@ def test_cuda_graph_poisoned_output_is_rewritten(tiny_dir):
     from dreamllm_fast.engine import EngineModel
 
     ck = load_checkpoint(tiny_dir)
-    m = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), device="cuda", dtype=torch.float32)
+    m = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), device="cuda", dtype=torch.float32,
+                    engine_config=EngineConfig(precision="fp32", capture_logits_graphs=True))
     s = m.new_session()
     s.extend(m.embed_tokens(list(range(3, 30))))
     x = m.embed_tokens([11])
@@ -120,7 +122,7 @@ def test_7b_shapes_bf16_engine_vs_reference(tiny_dir):
     the fp32 reference on the same card (models built and freed one at a time: fits in 80 GB).
     Then graph-vs-eager decode tokens on the engine."""
     from dreamllm_fast.engine import EngineModel
-    from dreamllm_fast.engine.testing import random_checkpoint
+    from dreamllm_fast.devtools.testing import random_checkpoint
     from dreamllm_fast.reference import ReferenceModel
 
     special = SpecialTokens.from_tokenizer(load_tokenizer(tiny_dir))
@@ -128,7 +130,8 @@ def test_7b_shapes_bf16_engine_vs_reference(tiny_dir):
     g = torch.Generator("cuda").manual_seed(0)
     emb = torch.randn(300, 4096, device="cuda", generator=g) * 0.02
     # few graphs: the 300-row prompt (bucket 320), the 65-row dream span (96), decode at batch 1
-    ec = EngineConfig(precision="bf16", prefill_buckets=(64, 96, 320), cuda_graph_batch_sizes=(1,))
+    ec = EngineConfig(precision="bf16", prefill_buckets=(64, 96, 320), cuda_graph_batch_sizes=(1,),
+                      capture_logits_graphs=True)
     tokens = {}
 
     def build(kind, dtype):

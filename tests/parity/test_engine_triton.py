@@ -19,7 +19,7 @@ from dreamllm_fast import kernels as K  # noqa: E402
 from dreamllm_fast.checkpoint import load_tokenizer  # noqa: E402
 from dreamllm_fast.config import DreamLLMConfig, SpecialTokens  # noqa: E402
 from dreamllm_fast.engine import EngineModel  # noqa: E402
-from dreamllm_fast.engine.testing import random_checkpoint  # noqa: E402
+from dreamllm_fast.devtools.testing import random_checkpoint  # noqa: E402
 from dreamllm_fast.reference import ReferenceModel  # noqa: E402
 from dreamllm_fast.tiny import make_tiny  # noqa: E402
 

@@ -23,6 +23,7 @@ import torch
 
 from dreamllm_fast.checkpoint import load_checkpoint
 from dreamllm_fast.config import EngineConfig, SpecialTokens
+from dreamllm_fast.devtools.parity import graphs_disabled
 from dreamllm_fast.engine import EngineModel
 from dreamllm_fast.engine.graphs import StandInGraphs
 
@@ -51,7 +52,8 @@ def unpadded(ckpt):
 
 @pytest.fixture(scope="module")
 def bucketed(ckpt):
-    return _engine(ckpt, graphs=True, prefill_buckets=BUCKETS, cuda_graph_batch_sizes=(2,))
+    return _engine(ckpt, graphs=True, prefill_buckets=BUCKETS, cuda_graph_batch_sizes=(2,),
+                   capture_logits_graphs=True)
 
 
 def _emb(m, n, start=3):
@@ -168,6 +170,20 @@ def test_chunked_prefill_equals_one_pass(ckpt, unpadded):
     assert torch.equal(out[0][0][1], out[0][0][5]), "a repeated row must give the same condition"
 
 
+def test_logits_step_is_captured_only_when_asked_for(ckpt):
+    """The decode loop steps greedy/sample only: by default the bare "logits" step is not captured
+    (one graph per batch size saved), and a single-token extend runs it eagerly."""
+    m = _engine(ckpt, graphs=True, prefill_buckets=BUCKETS, cuda_graph_batch_sizes=(2,))
+    assert sorted(m.graphs.graphs) == [(2, 'greedy'), (2, 'sample')]
+    s = m.new_session()
+    try:
+        s.extend(_emb(m, 5))
+        r0 = m.graph_backend.replays
+        assert torch.isfinite(s.extend(_emb(m, 1))).all() and m.graph_backend.replays == r0
+    finally:
+        s.close()
+
+
 def test_stand_in_graphs_capture_all_and_replay_equals_eager(bucketed):
     m = bucketed
     be = m.graph_backend
@@ -178,7 +194,7 @@ def test_stand_in_graphs_capture_all_and_replay_equals_eager(bucketed):
     r0 = be.replays
     replayed = _extend(m, [x])
     assert be.replays == r0 + 1, "the bucket-48 pass did not replay its graph"
-    with m.graphs_disabled():
+    with graphs_disabled(m):
         eager = _extend(m, [x])
     assert be.replays == r0 + 1
     assert torch.equal(replayed, eager)

@@ -1,6 +1,6 @@
 """The chat page in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright),
 against real servers on 127.0.0.1: the tiny checkpoint on the batched scheduler (CPU, fp32) where
-the model's own answer is the point, and the stub backend (dreamllm_fast/stub.py) where the answer
+the model's own answer is the point, and the stub backend (dreamllm_fast/devtools/stub.py) where the answer
 must be controlled (hostile markup in it). One browser and one server of each kind serve every
 test; each test opens a fresh browser context (empty storage). No page may log a console error
 or throw, except the failed-request lines a test provokes on purpose (401, 429, 400, 503).
@@ -72,7 +72,7 @@ def stub_server(tiny_ckpt):
     """Answers XSS_ANSWER, an image, XSS_ANSWER again (and so on); needs KEY; one queue place."""
     from dreamllm_fast.checkpoint import load_tokenizer
     from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
-    from dreamllm_fast.stub import StubModel
+    from dreamllm_fast.devtools.stub import StubModel
 
     tok = load_tokenizer(tiny_ckpt)
     ids = tok.encode(XSS_ANSWER, add_special_tokens=False)

@@ -2,7 +2,7 @@
 
 - `measure_host_overhead`: the REAL pipeline (`DreamLLMPipeline.chat` / `.generate`, i.e. the decode
   loop, the incremental detokenizer, the stop rules, the dream branch's bookkeeping) over the stub
-  backend (dreamllm_fast/stub.py), whose steps cost nothing, so what is timed is the pipeline's own
+  backend (dreamllm_fast/devtools/stub.py), whose steps cost nothing, so what is timed is the pipeline's own
   work. Host microseconds per generated token at 250, 1,000 and 2,000 tokens, chat and interleaved;
   on the CPU and, when asked, on CUDA (the stub then does one device gather, a pinned copy and an
   event per step, as the engine does). Target (issue 12): <= 50 us per token, flat in length.
@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sampling import SamplingParams
+from ..sampling import SamplingParams
 
 LENGTHS = (250, 1000, 2000)
 WORDS = tuple(range(259, 384))  # the tiny tokenizer's merged pieces: the stub's walk
@@ -35,7 +35,7 @@ _TINY: dict = {}
 def tiny_tokenizer_dir() -> Path:
     """A tiny checkpoint (for its real SentencePiece tokenizer), written once per process."""
     if "dir" not in _TINY:
-        from .tiny import make_tiny
+        from ..tiny import make_tiny
 
         _TINY["dir"] = make_tiny(Path(tempfile.mkdtemp(prefix="dreamllm-host-")) / "tiny")
     return _TINY["dir"]
@@ -44,9 +44,9 @@ def tiny_tokenizer_dir() -> Path:
 def stub_pipeline(device="cpu", dream_every: Optional[int] = None, tokenizer_dir=None,
                   max_positions: int = 8192):
     """`DreamLLMPipeline` over `StubModel` with the tiny checkpoint's tokenizer."""
-    from .checkpoint import load_tokenizer
-    from .config import DreamLLMConfig, SpecialTokens
-    from .pipeline import DreamLLMPipeline
+    from ..checkpoint import load_tokenizer
+    from ..config import DreamLLMConfig, SpecialTokens
+    from ..pipeline import DreamLLMPipeline
     from .stub import StubModel
 
     tok = load_tokenizer(tokenizer_dir or tiny_tokenizer_dir())
@@ -122,7 +122,7 @@ LOOP_MODES = {
 def _loop_tokens(m, tok, sess, sp, n: int, max_len: int) -> None:
     """n tokens through the loop: one 1-token extend (as forward-only's first step) + n - 1 steps.
     The budget ends the answer, so run-ahead launches no step past it."""
-    from .decoding import DecodeLoop
+    from ..decoding import DecodeLoop
 
     loop = DecodeLoop(m, tok, max_len)
     logits = sess.extend(m.embed_tokens([5]))
@@ -135,8 +135,8 @@ def _loop_tokens(m, tok, sess, sp, n: int, max_len: int) -> None:
 def bench_decode_loop(models: dict, s) -> list[dict]:
     """Stage "decode_loop": per backend and context, tokens/s of `s.decode_tokens` tokens through
     the decode loop (greedy and sampled) and of forward-only steps, in the same run."""
-    from .bench.harness import do_bench
-    from .checkpoint import load_tokenizer
+    from ..bench.harness import do_bench
+    from ..checkpoint import load_tokenizer
 
     tok = (s.extra or {}).get("tokenizer") if getattr(s, "extra", None) else None
     tok = tok or load_tokenizer(tiny_tokenizer_dir())  # ids past its vocabulary decode to ""

@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backend import DecodeBatchBase, HostIds, OneByOnePasses
-from .config import SpecialTokens
-from .errors import InvalidInputError
+from ..backend import DecodeBatchBase, HostIds, OneByOnePasses
+from ..config import SpecialTokens
+from ..errors import InvalidInputError
 
 
 class StubModel(OneByOnePasses):

@@ -1,6 +1,6 @@
 """The released 7B engine stage by stage: fake CUDA in CI (no GPU), or a real GPU with `--real`.
 
-    python -m dreamllm_fast.engine.check7b [--json] [--ctx 2048] [--real] [--weights bf16|int8|fp8]
+    python -m dreamllm_fast.devtools.check7b [--json] [--ctx 2048] [--real] [--weights bf16|int8|fp8]
 
 Builds dreamllm-7b in bf16 on device "cuda" with the default `EngineConfig` (and the `--weights`
 format of its LLaMA linears and LM head: quantized at load, on the device) from a checkpoint of
@@ -98,10 +98,11 @@ def run(ctx: int = 2048, plants: bool = True, real: bool = False, weights: str =
 
     from ..config import DreamLLMConfig, EngineConfig
     from ..kernels import _utils
-    from .graphs import CudaGraphs, StandInGraphs
-    from .model import EngineModel
+    from ..engine.graphs import CudaGraphs, StandInGraphs
+    from ..engine.model import EngineModel
 
-    cfg, ec = DreamLLMConfig.from_name("dreamllm-7b"), EngineConfig(max_seq=ctx, weights=weights)
+    cfg, ec = DreamLLMConfig.from_name("dreamllm-7b"), EngineConfig(max_seq=ctx, weights=weights,
+                                                                        capture_logits_graphs=True)
     bf16 = torch.bfloat16
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())

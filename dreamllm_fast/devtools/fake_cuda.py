@@ -1,7 +1,7 @@
 """Tools to run the engine on FAKE CUDA tensors (no GPU, no driver) and check its captured steps.
 
 Under `FakeTensorMode`, torch's CUDA build runs every op on "cuda" tensors for shapes, dtypes and
-devices only: no data, no kernels. `engine/check7b.py` builds the released 7B engine that way; the
+devices only: no data, no kernels. `devtools/check7b.py` builds the released 7B engine that way; the
 pieces it uses live here:
 
 - `NoHostSync`: a dispatch mode (plus patched sync entry points) that fails inside a captured step
