@@ -54,16 +54,17 @@ MAX_FILES = 8  # what comes back from a GPU session: 8 files of at most 16 MiB
 MAX_FILE_BYTES = 16 << 20
 BUDGET_S = 480.0  # 8 minutes: with the ~1 minute install, one call stays under 9 minutes
 
-# Wheels the report needs beyond the GPU image's packages (/work/.library-style KINDS lists are
-# not in the repository; the image named in benchmarks/README.md has torch, triton, transformers,
-# safetensors, sentencepiece, tokenizers, huggingface-hub, numpy, Pillow, tqdm, regex, httpx,
-# zipp, typing-extensions, pytest, pytest-timeout, prometheus-client, matplotlib). The serve
-# phase imports dreamllm_fast.serving, whose protocol module needs pydantic (not FastAPI, not
-# uvicorn: nothing is served over HTTP). {import name: pip requirement}; versions are the ones
-# the wheel folder is made with (benchmarks/README.md).
+# Wheels the report needs beyond the GPU image's packages (the image of benchmarks/README.md: torch
+# 2.11, triton 3.6, transformers 5.17, safetensors 0.8, sentencepiece, tokenizers, huggingface-hub
+# 1.33, numpy, Pillow, tqdm, regex, requests, filelock, httpx, zipp, pytest, pytest-timeout,
+# prometheus-client, matplotlib, setuptools, wheel). diffusers needs importlib_metadata; the serve
+# phase imports dreamllm_fast.serving, whose protocol module needs pydantic (2.14 wants
+# typing_extensions >= 4.16, so it travels too); FastAPI and uvicorn are not needed (nothing is
+# served over HTTP). {import name: pip requirement}; benchmarks/README.md makes the folder.
 WHEELS = {"diffusers": "diffusers==0.42.1", "importlib_metadata": "importlib_metadata==8.7.0",
           "pydantic": "pydantic==2.14.4", "pydantic_core": "pydantic_core==2.50.5",
-          "annotated_types": "annotated_types==0.8.0", "typing_inspection": "typing_inspection==0.4.5"}
+          "annotated_types": "annotated_types==0.8.0", "typing_inspection": "typing_inspection==0.4.5",
+          "typing_extensions": "typing_extensions==4.16.0"}
 IMAGE = ("torch", "triton", "transformers", "safetensors", "sentencepiece", "numpy", "PIL", "tqdm",
          "pytest")  # pytest-timeout is used when present (else benchmarks/record_tests.py's limit)
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl && "

@@ -319,3 +319,29 @@ def test_publish_one_folder_into_results_and_regenerate_the_readme(tmp_path):
         smoke.mkdir()
         (smoke / "env.json").write_text(json.dumps({"gpu": None, "date": "2026"}))
         G.publish(smoke, root)
+
+
+def test_serve_phase_rows_on_the_tiny_model(tmp_path):
+    """benchmarks/serve_inproc.py on the CPU: one row per concurrency, every request runs its full
+    length (the LM head never picks a stop token), rows written as each level finishes."""
+    from benchmarks import serve_inproc
+
+    out = tmp_path / "serve.json"
+    assert serve_inproc.main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
+                              "--concurrency", "1", "3", "--max-tokens", "5"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["stage"], r["concurrency"], r["requests_ok"]) for r in rows] == [("serve", 1, 1), ("serve", 3, 3)]
+    assert [r["completion_tokens"] for r in rows] == [5, 15]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and "ms" not in r for r in rows)
+
+
+def test_the_serve_phase_head_never_picks_a_stop_or_an_undecodable_id():
+    import torch
+
+    from benchmarks.serve_inproc import silence
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(3000, 64, generator=g) * 0.02  # [V, H] like the random 7B head
+    silence(head, 2000, (2, 1, 1500))
+    picks = (torch.randn(4096, 64, generator=g) @ head.T).argmax(-1)  # 4096 random hidden states
+    assert picks.max() < 2000 and not torch.isin(picks, torch.tensor([1, 2, 1500])).any()
