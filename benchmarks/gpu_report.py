@@ -73,16 +73,19 @@ INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
 # The tests most likely to break on a GPU, in order; one pytest process per group (a poisoned
 # CUDA context stays in its group). Per-test limit: --test-timeout.
 TEST_GROUPS = (
-    ("parity", ["tests/gpu_paths/test_prefill_graphs_gpu.py", "tests/parity/test_engine_gpu.py",
-                "tests/decoding/test_decode_gpu.py"]),  # graphs vs eager (prefill, dream, decode
-    # greedy and seeded), the 7B fp32-arbiter parity, the decode loop's GPU tests
+    # graphs vs eager (prefill, dream, decode greedy and seeded), the decode loop's GPU tests,
+    # then the tiny fp32 token parity and the 7B fp32-arbiter parity (the costliest, last)
+    ("parity", ["tests/gpu_paths/test_prefill_graphs_gpu.py", "tests/decoding/test_decode_gpu.py",
+                "tests/parity/test_engine_gpu.py"]),
     ("kernels", ["tests/kernels", "-k", "gpu_real or graph_replay or fullgraph"]),  # real shapes
 )
 
 # The bench phases: one line per variant (see Variant). The int8/fp8 engines add e.g.
 #     Variant("core_int8", 45, 30, ("decode",), ("--weights", "int8", "--backends", "engine")),
-# before "compile" (their rows carry `weights`: bench/targets.py judges them against the bf16
-# engine of "core", measured in the same run).
+# (their rows carry `weights`: bench/targets.py judges them against the bf16 engine of "core",
+# measured in the same run). A planned variant runs right after core, and the plan must still fit
+# BUDGET_S (tests/cli/test_gpu_report.py checks it: take its seconds from another phase's budget,
+# or mark it extra); an extra one runs after the plan when its whole budget is left.
 @dataclass(frozen=True)
 class Variant:
     name: str  # the phase
@@ -222,10 +225,11 @@ def _collect_kernels(ctx):
 
 
 def _phases() -> dict:
-    core = [_bench_phase(v) for v in VARIANTS]
+    planned = [_bench_phase(v) for v in VARIANTS if not v.extra]  # core, then its variants
+    extras = [_bench_phase(v) for v in VARIANTS if v.extra]
     return {p.name: p for p in (
         Phase("env", 30, 10, "GPU, driver, versions, copy and GEMM ceilings", _env_steps),
-        core[0],
+        *planned,
         Phase("tests", 100, 40, "GPU tests: graph-vs-eager parity (prefill, dream, decode greedy and "
               "seeded), 7B fp32-arbiter parity, decode loop, real-shape kernels; drifts recorded",
               _tests_steps, _collect_tests, log="tests.log"),
@@ -238,7 +242,7 @@ def _phases() -> dict:
         Phase("kernels", 35, 20, "quick kernel benchmarks (run_kernels --quick --skip-tests): "
               + ", ".join(b.removeprefix("bench_") for b in KERNEL_BENCHES),
               _kernels_steps, _collect_kernels),
-        *core[1:],
+        *extras,
         _bench_phase(Variant("diffusion_compiled", 150, 150, ("unet", "vae"),
                              ("--diffusion-backends", "eager", "compiled"), extra=True,
                              keep=("compiled",)),
