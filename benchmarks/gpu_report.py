@@ -3,7 +3,7 @@ phase under its own timeout, under 9 minutes with the install.
 
     python -m benchmarks.gpu_report --plan                          # the schedule; runs nothing
     python -m benchmarks.gpu_report --out $OUT --budget-s 480       # a GPU session (one call)
-    python -m benchmarks.gpu_report --out DIR --smoke               # CPU: the same plumbing, tiny
+    python -m benchmarks.gpu_report --out DIR --smoke               # CPU: the same plan, tiny, x3 time
     python -m benchmarks.gpu_report --publish DIR                   # back on the dev machine
 
 benchmarks/README.md has the exact session command (install included) and the phases' budgets.
@@ -33,6 +33,7 @@ is one line: see VARIANTS and DIFFUSION_BACKENDS below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -53,6 +54,7 @@ OUT_FILES = ("env.json", "report.json", "report.md", "tests.json", "tests.log", 
 MAX_FILES = 8  # what comes back from a GPU session: 8 files of at most 16 MiB
 MAX_FILE_BYTES = 16 << 20
 BUDGET_S = 480.0  # 8 minutes: with the ~1 minute install, one call stays under 9 minutes
+SMOKE_STRETCH = 3  # --smoke: budgets and minimums x3 (a shared 2-core CPU, the Triton interpreter)
 
 # Wheels the report needs beyond the GPU image's packages (the image of benchmarks/README.md: torch
 # 2.11, triton 3.6, transformers 5.17, safetensors 0.8, sentencepiece, tokenizers, huggingface-hub
@@ -452,18 +454,17 @@ def write_env(path: Path) -> None:
     _write_json(path, env)
 
 
-def plan_text(names: list, budget_s: float) -> str:
+def plan_text(phases: list, budget_s: float) -> str:
     lines = [f"{'phase':<20} {'budget s':>8} {'min s':>6}  what"]
-    for p in PHASES.values():
-        if p.name in names:
-            tag = " (extra: runs when named, or when its whole budget is left)" if p.extra else ""
-            lines.append(f"{p.name:<20} {p.budget_s:>8g} {p.min_s:>6g}  {p.what}{tag}")
-    default = planned_total([n for n in names if not PHASES[n].extra])
+    for p in phases:
+        tag = " (extra: runs when named, or when its whole budget is left)" if p.extra else ""
+        lines.append(f"{p.name:<20} {p.budget_s:>8g} {p.min_s:>6g}  {p.what}{tag}")
+    default = sum(p.budget_s for p in phases if not p.extra)
     lines += ["", f"planned total {default:g} s of the {budget_s:g} s budget"
               + (" (fits)" if default <= budget_s else " (DOES NOT FIT: later phases will be skipped)"),
               f"install (no network, from the repository root): {INSTALL}",
               "wheels beyond the GPU image: " + " ".join(WHEELS.values())]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------- publish
@@ -498,7 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="flat result folder (at most 8 files)")
     ap.add_argument("--phases", nargs="+", default=None, choices=list(PHASES),
                     help="these phases (canonical order) instead of the default plan")
-    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole run, seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"the whole run, seconds (default {BUDGET_S:g}; x{SMOKE_STRETCH} with --smoke)")
     ap.add_argument("--plan", action="store_true", help="print the schedule and exit")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the same phases (tiny preset, interpreter): plumbing, no claim")
@@ -513,9 +515,15 @@ def main(argv=None) -> int:
         write_env(args._env)
         return 0
     names = [n for n in PHASES if n in args.phases] if args.phases else list(PHASES)
+    phases = [PHASES[n] for n in names]
+    if args.smoke:  # the same plan, stretched for a CPU (the kernels run in Triton's interpreter)
+        phases = [dataclasses.replace(p, budget_s=p.budget_s * SMOKE_STRETCH, min_s=p.min_s * SMOKE_STRETCH)
+                  for p in phases]
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S * (SMOKE_STRETCH if args.smoke else 1)
     args.named_extras = args.phases is not None
     if args.plan:
-        print(plan_text(names, args.budget_s))
+        print(plan_text(phases, args.budget_s))
         return 0
     if args.publish:
         print(f"published to {publish(args.publish, ROOT, readme=not args.no_readme)}")
@@ -528,7 +536,7 @@ def main(argv=None) -> int:
               f"wheel folder first (benchmarks/README.md): {INSTALL}", file=sys.stderr)
         return 2
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_report-"))).resolve()
-    records = run_phases([PHASES[n] for n in names], args.out.resolve(), work, args, args.budget_s)
+    records = run_phases(phases, args.out.resolve(), work, args, args.budget_s)
     return exit_status(records, args.named_extras)
 
 
