@@ -339,6 +339,20 @@ def _log(out: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
+_RUNNING: list = []  # the child of the step in progress (its own process group)
+
+
+def _on_term(signum, frame):
+    """Stopped from outside (SIGTERM, Ctrl-C): end the running child's whole group first (it has
+    its own session, which would outlive us), then exit; the files of finished phases stay."""
+    for proc in _RUNNING:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
     """(exit code or None on timeout, seconds); output appended to log_path."""
     t0 = time.monotonic()
@@ -348,6 +362,7 @@ def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
         log.flush()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=ROOT, start_new_session=True)
+        _RUNNING.append(proc)
         try:
             rc = proc.wait(timeout=max(0.1, timeout_s))
         except subprocess.TimeoutExpired:
@@ -357,6 +372,8 @@ def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
                 pass
             proc.wait()
             rc = None
+        finally:
+            _RUNNING.remove(proc)
     return rc, time.monotonic() - t0
 
 
@@ -536,6 +553,8 @@ def main(argv=None) -> int:
               f"wheel folder first (benchmarks/README.md): {INSTALL}", file=sys.stderr)
         return 2
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_report-"))).resolve()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_term)
     records = run_phases(phases, args.out.resolve(), work, args, args.budget_s)
     return exit_status(records, args.named_extras)
 

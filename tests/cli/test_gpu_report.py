@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -345,3 +346,36 @@ def test_the_serve_phase_head_never_picks_a_stop_or_an_undecodable_id():
     silence(head, 2000, (2, 1, 1500))
     picks = (torch.randn(4096, 64, generator=g) @ head.T).argmax(-1)  # 4096 random hidden states
     assert picks.max() < 2000 and not torch.isin(picks, torch.tensor([1, 2, 1500])).any()
+
+
+def test_a_stopped_run_ends_its_running_phase_and_keeps_finished_files(tmp_path):
+    """SIGTERM to the orchestrator kills the running phase's process group (its own session
+    would outlive the run) and leaves the files of the phases that finished."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from benchmarks import gpu_report as G\n"
+        "out = Path(sys.argv[1])\n"
+        "ph = [G.Phase('env', 30, 0, 'x', lambda c: [[sys.executable, '-c', 'print(1)']]),\n"
+        f"      G.Phase('core', 60, 0, 'x', lambda c: [[sys.executable, '-c', 'import os, time; open(r\"{pid_file}\", \"w\").write(str(os.getpid())); time.sleep(60)']])]\n"
+        "import signal\n"
+        "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, G._on_term)\n"
+        "G.run_phases(ph, out, out.parent / 'w', None, 120)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=REPO, env=env)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    stat = Path(f"/proc/{child}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":  # gone, or a zombie
+        assert time.monotonic() < deadline, "the phase's child outlived the stopped run"
+        time.sleep(0.1)
+    assert [p["name"] for p in json.loads((tmp_path / "out" / "phases.json").read_text())] == ["env"]
