@@ -562,8 +562,11 @@ def main(argv=None) -> int:
 def exit_status(records: list, named: bool) -> int:
     """0 when every phase of the plan finished cleanly (an extra phase that did not fit in the
     leftover time is no failure unless it was named), 1 otherwise."""
-    return 0 if all(r["status"] == "ok" or (r["status"] == "skipped" and PHASES[r["name"]].extra
-                                            and not named) for r in records) else 1
+    def extra(name):
+        return name in PHASES and PHASES[name].extra
+
+    return 0 if all(r["status"] == "ok" or (r["status"] == "skipped" and extra(r["name"]) and not named)
+                    for r in records) else 1
 
 
 if __name__ == "__main__":
