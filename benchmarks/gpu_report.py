@@ -3,7 +3,7 @@ phase under its own timeout, under 9 minutes with the install.
 
     python -m benchmarks.gpu_report --plan                          # the schedule; runs nothing
     python -m benchmarks.gpu_report --out $OUT --budget-s 480       # a GPU session (one call)
-    python -m benchmarks.gpu_report --out DIR --smoke               # CPU: the same plumbing, tiny
+    python -m benchmarks.gpu_report --out DIR --smoke               # CPU: the same plan, tiny, x3 time
     python -m benchmarks.gpu_report --publish DIR                   # back on the dev machine
 
 benchmarks/README.md has the exact session command (install included) and the phases' budgets.
@@ -33,6 +33,7 @@ is one line: see VARIANTS and DIFFUSION_BACKENDS below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -53,17 +54,19 @@ OUT_FILES = ("env.json", "report.json", "report.md", "tests.json", "tests.log", 
 MAX_FILES = 8  # what comes back from a GPU session: 8 files of at most 16 MiB
 MAX_FILE_BYTES = 16 << 20
 BUDGET_S = 480.0  # 8 minutes: with the ~1 minute install, one call stays under 9 minutes
+SMOKE_STRETCH = 3  # --smoke: budgets and minimums x3 (a shared 2-core CPU, the Triton interpreter)
 
-# Wheels the report needs beyond the GPU image's packages (/work/.library-style KINDS lists are
-# not in the repository; the image named in benchmarks/README.md has torch, triton, transformers,
-# safetensors, sentencepiece, tokenizers, huggingface-hub, numpy, Pillow, tqdm, regex, httpx,
-# zipp, typing-extensions, pytest, pytest-timeout, prometheus-client, matplotlib). The serve
-# phase imports dreamllm_fast.serving, whose protocol module needs pydantic (not FastAPI, not
-# uvicorn: nothing is served over HTTP). {import name: pip requirement}; versions are the ones
-# the wheel folder is made with (benchmarks/README.md).
+# Wheels the report needs beyond the GPU image's packages (the image of benchmarks/README.md: torch
+# 2.11, triton 3.6, transformers 5.17, safetensors 0.8, sentencepiece, tokenizers, huggingface-hub
+# 1.33, numpy, Pillow, tqdm, regex, requests, filelock, httpx, zipp, pytest, pytest-timeout,
+# prometheus-client, matplotlib, setuptools, wheel). diffusers needs importlib_metadata; the serve
+# phase imports dreamllm_fast.serving, whose protocol module needs pydantic (2.14 wants
+# typing_extensions >= 4.16, so it travels too); FastAPI and uvicorn are not needed (nothing is
+# served over HTTP). {import name: pip requirement}; benchmarks/README.md makes the folder.
 WHEELS = {"diffusers": "diffusers==0.42.1", "importlib_metadata": "importlib_metadata==8.7.0",
           "pydantic": "pydantic==2.14.4", "pydantic_core": "pydantic_core==2.50.5",
-          "annotated_types": "annotated_types==0.8.0", "typing_inspection": "typing_inspection==0.4.5"}
+          "annotated_types": "annotated_types==0.8.0", "typing_inspection": "typing_inspection==0.4.5",
+          "typing_extensions": "typing_extensions==4.16.0"}
 IMAGE = ("torch", "triton", "transformers", "safetensors", "sentencepiece", "numpy", "PIL", "tqdm",
          "pytest")  # pytest-timeout is used when present (else benchmarks/record_tests.py's limit)
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl && "
@@ -72,16 +75,19 @@ INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
 # The tests most likely to break on a GPU, in order; one pytest process per group (a poisoned
 # CUDA context stays in its group). Per-test limit: --test-timeout.
 TEST_GROUPS = (
-    ("parity", ["tests/gpu_paths/test_prefill_graphs_gpu.py", "tests/parity/test_engine_gpu.py",
-                "tests/decoding/test_decode_gpu.py"]),  # graphs vs eager (prefill, dream, decode
-    # greedy and seeded), the 7B fp32-arbiter parity, the decode loop's GPU tests
+    # graphs vs eager (prefill, dream, decode greedy and seeded), the decode loop's GPU tests,
+    # then the tiny fp32 token parity and the 7B fp32-arbiter parity (the costliest, last)
+    ("parity", ["tests/gpu_paths/test_prefill_graphs_gpu.py", "tests/decoding/test_decode_gpu.py",
+                "tests/parity/test_engine_gpu.py"]),
     ("kernels", ["tests/kernels", "-k", "gpu_real or graph_replay or fullgraph"]),  # real shapes
 )
 
 # The bench phases: one line per variant (see Variant). The int8/fp8 engines add e.g.
 #     Variant("core_int8", 45, 30, ("decode",), ("--weights", "int8", "--backends", "engine")),
-# before "compile" (their rows carry `weights`: bench/targets.py judges them against the bf16
-# engine of "core", measured in the same run).
+# (their rows carry `weights`: bench/targets.py judges them against the bf16 engine of "core",
+# measured in the same run). A planned variant runs right after core, and the plan must still fit
+# BUDGET_S (tests/cli/test_gpu_report.py checks it: take its seconds from another phase's budget,
+# or mark it extra); an extra one runs after the plan when its whole budget is left.
 @dataclass(frozen=True)
 class Variant:
     name: str  # the phase
@@ -221,10 +227,11 @@ def _collect_kernels(ctx):
 
 
 def _phases() -> dict:
-    core = [_bench_phase(v) for v in VARIANTS]
+    planned = [_bench_phase(v) for v in VARIANTS if not v.extra]  # core, then its variants
+    extras = [_bench_phase(v) for v in VARIANTS if v.extra]
     return {p.name: p for p in (
         Phase("env", 30, 10, "GPU, driver, versions, copy and GEMM ceilings", _env_steps),
-        core[0],
+        *planned,
         Phase("tests", 100, 40, "GPU tests: graph-vs-eager parity (prefill, dream, decode greedy and "
               "seeded), 7B fp32-arbiter parity, decode loop, real-shape kernels; drifts recorded",
               _tests_steps, _collect_tests, log="tests.log"),
@@ -237,7 +244,7 @@ def _phases() -> dict:
         Phase("kernels", 35, 20, "quick kernel benchmarks (run_kernels --quick --skip-tests): "
               + ", ".join(b.removeprefix("bench_") for b in KERNEL_BENCHES),
               _kernels_steps, _collect_kernels),
-        *core[1:],
+        *extras,
         _bench_phase(Variant("diffusion_compiled", 150, 150, ("unet", "vae"),
                              ("--diffusion-backends", "eager", "compiled"), extra=True,
                              keep=("compiled",)),
@@ -332,6 +339,20 @@ def _log(out: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
+_RUNNING: list = []  # the child of the step in progress (its own process group)
+
+
+def _on_term(signum, frame):
+    """Stopped from outside (SIGTERM, Ctrl-C): end the running child's whole group first (it has
+    its own session, which would outlive us), then exit; the files of finished phases stay."""
+    for proc in _RUNNING:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
     """(exit code or None on timeout, seconds); output appended to log_path."""
     t0 = time.monotonic()
@@ -341,6 +362,7 @@ def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
         log.flush()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=ROOT, start_new_session=True)
+        _RUNNING.append(proc)
         try:
             rc = proc.wait(timeout=max(0.1, timeout_s))
         except subprocess.TimeoutExpired:
@@ -350,6 +372,8 @@ def _run_step(argv: list, log_path: Path, timeout_s: float) -> tuple:
                 pass
             proc.wait()
             rc = None
+        finally:
+            _RUNNING.remove(proc)
     return rc, time.monotonic() - t0
 
 
@@ -447,18 +471,17 @@ def write_env(path: Path) -> None:
     _write_json(path, env)
 
 
-def plan_text(names: list, budget_s: float) -> str:
+def plan_text(phases: list, budget_s: float) -> str:
     lines = [f"{'phase':<20} {'budget s':>8} {'min s':>6}  what"]
-    for p in PHASES.values():
-        if p.name in names:
-            tag = " (extra: runs when named, or when its whole budget is left)" if p.extra else ""
-            lines.append(f"{p.name:<20} {p.budget_s:>8g} {p.min_s:>6g}  {p.what}{tag}")
-    default = planned_total([n for n in names if not PHASES[n].extra])
+    for p in phases:
+        tag = " (extra: runs when named, or when its whole budget is left)" if p.extra else ""
+        lines.append(f"{p.name:<20} {p.budget_s:>8g} {p.min_s:>6g}  {p.what}{tag}")
+    default = sum(p.budget_s for p in phases if not p.extra)
     lines += ["", f"planned total {default:g} s of the {budget_s:g} s budget"
               + (" (fits)" if default <= budget_s else " (DOES NOT FIT: later phases will be skipped)"),
               f"install (no network, from the repository root): {INSTALL}",
               "wheels beyond the GPU image: " + " ".join(WHEELS.values())]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------- publish
@@ -493,7 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="flat result folder (at most 8 files)")
     ap.add_argument("--phases", nargs="+", default=None, choices=list(PHASES),
                     help="these phases (canonical order) instead of the default plan")
-    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole run, seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"the whole run, seconds (default {BUDGET_S:g}; x{SMOKE_STRETCH} with --smoke)")
     ap.add_argument("--plan", action="store_true", help="print the schedule and exit")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the same phases (tiny preset, interpreter): plumbing, no claim")
@@ -508,9 +532,15 @@ def main(argv=None) -> int:
         write_env(args._env)
         return 0
     names = [n for n in PHASES if n in args.phases] if args.phases else list(PHASES)
+    phases = [PHASES[n] for n in names]
+    if args.smoke:  # the same plan, stretched for a CPU (the kernels run in Triton's interpreter)
+        phases = [dataclasses.replace(p, budget_s=p.budget_s * SMOKE_STRETCH, min_s=p.min_s * SMOKE_STRETCH)
+                  for p in phases]
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S * (SMOKE_STRETCH if args.smoke else 1)
     args.named_extras = args.phases is not None
     if args.plan:
-        print(plan_text(names, args.budget_s))
+        print(plan_text(phases, args.budget_s))
         return 0
     if args.publish:
         print(f"published to {publish(args.publish, ROOT, readme=not args.no_readme)}")
@@ -523,15 +553,20 @@ def main(argv=None) -> int:
               f"wheel folder first (benchmarks/README.md): {INSTALL}", file=sys.stderr)
         return 2
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_report-"))).resolve()
-    records = run_phases([PHASES[n] for n in names], args.out.resolve(), work, args, args.budget_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_term)
+    records = run_phases(phases, args.out.resolve(), work, args, args.budget_s)
     return exit_status(records, args.named_extras)
 
 
 def exit_status(records: list, named: bool) -> int:
     """0 when every phase of the plan finished cleanly (an extra phase that did not fit in the
     leftover time is no failure unless it was named), 1 otherwise."""
-    return 0 if all(r["status"] == "ok" or (r["status"] == "skipped" and PHASES[r["name"]].extra
-                                            and not named) for r in records) else 1
+    def extra(name):
+        return name in PHASES and PHASES[name].extra
+
+    return 0 if all(r["status"] == "ok" or (r["status"] == "skipped" and extra(r["name"]) and not named)
+                    for r in records) else 1
 
 
 if __name__ == "__main__":

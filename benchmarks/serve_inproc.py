@@ -37,7 +37,13 @@ def _percentile(xs: list, q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def build_pipeline(preset: str, device, dtype, max_batch: int, max_seq: int):
+def silence(head, vocab: int, stop_ids) -> None:
+    """Zero the LM-head rows [V, H] of the stop tokens and of ids >= `vocab`, in place."""
+    head[vocab:] = 0
+    head[list(stop_ids)] = 0
+
+
+def build_pipeline(preset: str, device, dtype, max_batch: int, max_seq=None):
     """An engine `DreamLLMPipeline` on random weights (or the tiny checkpoint) whose LM head never
     chooses a stop token (module docstring)."""
     import dataclasses
@@ -59,10 +65,10 @@ def build_pipeline(preset: str, device, dtype, max_batch: int, max_seq: int):
         ckpt = load_checkpoint(tiny)
     else:
         ckpt = random_checkpoint(DreamLLMConfig.from_name(preset), device=device, dtype=dtype)
-    head = ckpt.llm["lm_head.weight"]  # [V, H]
-    head[len(tok):] = 0
-    head[[special.eos, special.bos, special.dream_start]] = 0
-    cfg = dataclasses.replace(serving_engine_config(max_batch, device, dtype), max_seq=max_seq)
+    silence(ckpt.llm["lm_head.weight"], len(tok), (special.eos, special.bos, special.dream_start))
+    cfg = serving_engine_config(max_batch, device, dtype)  # KV slots: 1 GiB each at 7B, 2048 ctx
+    if max_seq is not None:
+        cfg = dataclasses.replace(cfg, max_seq=max_seq)
     model = EngineModel(ckpt, special, device=torch.device(device), dtype=dtype, engine_config=cfg)
     return DreamLLMPipeline(model, tok, progress=False)
 
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-seq", type=int, default=512, help="KV slot length (prompt + tokens)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="KV slot length (default: the model's context, as `dreamllm-fast serve`)")
     args = p.parse_args(argv)
     import torch
 

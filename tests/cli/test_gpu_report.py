@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -319,3 +320,62 @@ def test_publish_one_folder_into_results_and_regenerate_the_readme(tmp_path):
         smoke.mkdir()
         (smoke / "env.json").write_text(json.dumps({"gpu": None, "date": "2026"}))
         G.publish(smoke, root)
+
+
+def test_serve_phase_rows_on_the_tiny_model(tmp_path):
+    """benchmarks/serve_inproc.py on the CPU: one row per concurrency, every request runs its full
+    length (the LM head never picks a stop token), rows written as each level finishes."""
+    from benchmarks import serve_inproc
+
+    out = tmp_path / "serve.json"
+    assert serve_inproc.main(["--out", str(out), "--preset", "tiny", "--device", "cpu",
+                              "--concurrency", "1", "3", "--max-tokens", "5"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["stage"], r["concurrency"], r["requests_ok"]) for r in rows] == [("serve", 1, 1), ("serve", 3, 3)]
+    assert [r["completion_tokens"] for r in rows] == [5, 15]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and "ms" not in r for r in rows)
+
+
+def test_the_serve_phase_head_never_picks_a_stop_or_an_undecodable_id():
+    import torch
+
+    from benchmarks.serve_inproc import silence
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(3000, 64, generator=g) * 0.02  # [V, H] like the random 7B head
+    silence(head, 2000, (2, 1, 1500))
+    picks = (torch.randn(4096, 64, generator=g) @ head.T).argmax(-1)  # 4096 random hidden states
+    assert picks.max() < 2000 and not torch.isin(picks, torch.tensor([1, 2, 1500])).any()
+
+
+def test_a_stopped_run_ends_its_running_phase_and_keeps_finished_files(tmp_path):
+    """SIGTERM to the orchestrator kills the running phase's process group (its own session
+    would outlive the run) and leaves the files of the phases that finished."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from benchmarks import gpu_report as G\n"
+        "out = Path(sys.argv[1])\n"
+        "ph = [G.Phase('env', 30, 0, 'x', lambda c: [[sys.executable, '-c', 'print(1)']]),\n"
+        f"      G.Phase('core', 60, 0, 'x', lambda c: [[sys.executable, '-c', 'import os, time; open(r\"{pid_file}\", \"w\").write(str(os.getpid())); time.sleep(60)']])]\n"
+        "import signal\n"
+        "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, G._on_term)\n"
+        "G.run_phases(ph, out, out.parent / 'w', None, 120)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=REPO, env=env)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    stat = Path(f"/proc/{child}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":  # gone, or a zombie
+        assert time.monotonic() < deadline, "the phase's child outlived the stopped run"
+        time.sleep(0.1)
+    assert [p["name"] for p in json.loads((tmp_path / "out" / "phases.json").read_text())] == ["env"]
