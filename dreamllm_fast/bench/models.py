@@ -6,7 +6,7 @@
   else: the 7B LLM is never built for them (16 s and 13.5 GB saved on an H100).
 
 Weights: a real checkpoint (``checkpoint``), the tiny checkpoint (preset ``tiny``, written to a
-temporary folder), or random weights at a preset's shapes (``engine.testing.random_checkpoint``;
+temporary folder), or random weights at a preset's shapes (``devtools.testing.random_checkpoint``;
 timing depends on shapes, not values: performance.md).
 """
 from __future__ import annotations
