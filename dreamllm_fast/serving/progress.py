@@ -48,9 +48,15 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
     if latents.dim() != 4 or latents.shape[1] != len(LATENT_RGB):
         raise ValueError(f"a preview needs latents [1, {len(LATENT_RGB)}, h, w], got "
                          f"{list(latents.shape)}")
-    m = torch.tensor(LATENT_RGB, dtype=torch.float32, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), m)  # [h, w, 3]
-    return ((rgb + 1) * 127.5).clamp_(0, 255).to(torch.uint8)
+    m = _MAPS.get(latents.device)
+    if m is None:  # once per device: a host-to-device copy is a sync
+        m = _MAPS[latents.device] = torch.tensor(LATENT_RGB, dtype=torch.float32,
+                                                 device=latents.device).mul_(127.5)
+    rgb = torch.matmul(latents[0].float().permute(1, 2, 0), m)  # [h, w, 3] in ~[-127.5, 127.5]
+    return rgb.add_(127.5).clamp_(0, 255).to(torch.uint8)
+
+
+_MAPS: dict = {}
 
 
 class Preview:

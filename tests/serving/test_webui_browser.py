@@ -177,12 +177,30 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     u = ui(tiny_server)
     p = u.page
     u.settings(max_tokens=75, temperature=0, seed=5, steps=16)
-    u.send(SKY)
-    # the image is drawn in place: a progress bar, then previews, then the image
-    p.wait_for_selector("#messages figure.drawing img.preview", timeout=120_000)
-    label = p.locator("figure.drawing figcaption span").inner_text()
-    assert re.fullmatch(r"Drawing: step \d+ of 16", label), label
-    p.screenshot(path=str(shots / "webui-drawing.png"))
+    # the worker pauses after the image's 5th U-Net step (previews came at steps 2 and 4) until
+    # the page has been looked at: a tiny U-Net step takes milliseconds
+    sched, held, gate, diffusing = tiny_server.sched, threading.Event(), threading.Event(), [0]
+
+    def hold(s):
+        if any(ph == "diffuse" for _, _, ph in s.phases()):
+            diffusing[0] += 1
+            if diffusing[0] == 5:  # at the start of an iteration: 5 steps done
+                held.set()
+                gate.wait(60)
+
+    sched.on_iteration = hold
+    try:
+        u.send(SKY)
+        assert held.wait(120), "the image never started"
+        p.wait_for_selector("#messages figure.drawing img.preview")
+        p.wait_for_function("() => document.querySelector('figure.drawing figcaption span')"
+                            ".textContent === 'Drawing: step 5 of 16'")
+        assert p.locator("figure.drawing progress").evaluate("e => [e.value, e.max]") == [5, 16]
+        assert not p.locator("#messages figure.image").count()
+        p.screenshot(path=str(shots / "webui-drawing.png"))
+    finally:
+        sched.on_iteration = None
+        gate.set()
     u.wait_done()
     assert p.evaluate("window.__seen") == ["progress", "preview", "image"]
     body = u.bodies("/v1/chat/completions")[-1]
@@ -224,7 +242,7 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
 
 def test_stop_aborts_and_frees_the_kv_slot(tiny_server, ui):
     u = ui(tiny_server)
-    u.settings(max_tokens=75, temperature=0, seed=5, steps=200)
+    u.settings(max_tokens=75, temperature=0, seed=5, steps=500)
     u.send(SKY)
     u.page.wait_for_selector("#messages figure.drawing progress", timeout=120_000)
     assert slots_used(tiny_server) == 1  # the sequence holds its slot while its image draws
@@ -252,7 +270,7 @@ def test_images_attached_by_picker_drop_and_paste_are_sent(tiny_server, ui):
     p.evaluate(drop, [base64.b64encode(pngs[1]).decode(), "drop"])
     p.evaluate(drop, [base64.b64encode(pngs[2]).decode(), "paste"])
     p.set_input_files("#file", files=[{"name": "a.gif", "mimeType": "image/gif", "buffer": b"GIF89a"}])
-    p.wait_for_function("document.querySelectorAll('#attachments img').length === 3")
+    p.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
     assert "not a PNG or JPEG" in p.inner_text("#notice")
     u.settings(images=False, max_tokens=4, temperature=0)
     u.send("What is in these pictures?")
