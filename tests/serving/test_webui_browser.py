@@ -219,13 +219,21 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     p.screenshot(path=str(shots / "webui-phone.png"))
     assert p.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     p.set_viewport_size({"width": 1280, "height": 800})
+    # a follow-up sends the whole turn back, its generated image included, in order
+    u.settings(images=False, max_tokens=3)
+    u.send("And at night?")
+    u.wait_done()
+    assert not p.locator("#messages .error").count()
+    prior = u.bodies("/v1/chat/completions")[-1]["messages"]
+    assert [m["role"] for m in prior] == ["user", "assistant", "user"]
+    assert [c["type"] for c in prior[1]["content"]] == ["text", "image_url", "text"]
 
     before = p.inner_text("#messages")
     p.reload()
     p.wait_for_selector("body[data-ready='1']")
     assert p.inner_text("#messages") == before  # the conversation is kept in the browser
     assert p.locator("#messages figure.image img").count() == 1
-    assert p.input_value("#s-steps") == "16"  # and so are the settings
+    assert p.input_value("#s-steps") == "16" and p.input_value("#s-max-tokens") == "3"  # and so are the settings
     # conversations: new, switch, delete
     p.click("#new-chat")
     assert p.locator("#messages article").count() == 0
