@@ -157,9 +157,11 @@ class UI:
 def ui(browser, request):
     made = []
 
-    def make(server, **kw):
+    def make(server, init=None, **kw):
         u = UI(browser, server.url, **kw)
         made.append(u)
+        if init:
+            u.page.add_init_script(init)
         return u.open()
 
     yield make
@@ -315,6 +317,36 @@ def test_draw_mode_calls_the_images_route(tiny_server, ui):
     direct = httpx.post(tiny_server.url + "/v1/images/generations", json=want, timeout=120).json()
     assert [imgs.nth(i).get_attribute("src") for i in range(2)] == \
         ["data:image/png;base64," + d["b64_json"] for d in direct["data"]]
+    u.check_console()
+
+
+def test_full_storage_drops_the_oldest_images_first(tiny_server, ui):
+    """localStorage holds a few MB: here it takes 1.5 drawn images; the older one gives way."""
+    full = """
+      const set = Storage.prototype.setItem;
+      Storage.prototype.setItem = function (k, v) {
+        if (k === "dreamllm.conversations" && v.length > 1.5 * (window.__imageChars || 1e9))
+          throw new DOMException("full", "QuotaExceededError");
+        return set.call(this, k, v);
+      };
+    """
+    u = ui(tiny_server, init=full)
+    p = u.page
+    u.settings(steps=1, seed=1)
+    p.click("label[for=mode-draw]")
+    u.send("first")
+    u.wait_done()
+    first = u.answer().locator("figure.image img").get_attribute("src")
+    p.evaluate("n => { window.__imageChars = n; }", len(first))
+    u.send("second")
+    u.wait_done()
+    assert "1 older image(s) were not kept" in p.inner_text("#notice")
+    p.reload()
+    p.wait_for_selector("body[data-ready='1']")
+    figs = p.locator("#messages figure.image")
+    assert figs.count() == 2
+    assert "not kept" in figs.nth(0).inner_text() and figs.nth(0).locator("img").count() == 0
+    assert figs.nth(1).locator("img").get_attribute("src").startswith("data:image/png;base64,")
     u.check_console()
 
 
