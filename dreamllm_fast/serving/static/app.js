@@ -286,6 +286,10 @@ function renderLive(msg, el) {
     frame = 0;
     const box = $("messages");
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    if (!el.current.isConnected) { // the list was rebuilt (another conversation deleted)
+      if (currentId !== running?.conv.id) return;
+      el.current = box.lastElementChild;
+    }
     const fresh = messageEl(msg);
     el.current.replaceWith(fresh);
     el.current = fresh;
@@ -535,7 +539,7 @@ async function send() {
   } catch (e) {
     if (e.name === "AbortError") msg.stopped = true;
     else msg.error = explain(e);
-    if (e instanceof HttpError && e.status === 401) modelId = null;
+    if (e instanceof HttpError && (e.status === 401 || e.status === 404)) modelId = null; // ask again
   } finally {
     msg.parts = msg.parts.filter((p) => p.type !== "progress");
     running = null;
