@@ -367,6 +367,22 @@ def test_keyboard_shift_enter_is_a_new_line(tiny_server, ui):
     u.check_console()
 
 
+def test_phone_width_conversations_open_and_close(tiny_server, ui):
+    u = ui(tiny_server, width=390, height=844)
+    p = u.page
+    assert not p.is_visible("#new-chat")  # the list is off screen
+    p.click("#toggle-sidebar")
+    p.wait_for_selector("#new-chat", state="visible")
+    p.click("#close-sidebar")
+    p.wait_for_selector("#new-chat", state="hidden")
+    p.click("#toggle-sidebar")
+    p.wait_for_selector("#new-chat", state="visible")
+    p.keyboard.press("Escape")
+    p.wait_for_selector("#new-chat", state="hidden")
+    assert p.evaluate("() => document.documentElement.scrollWidth") <= 390
+    u.check_console()
+
+
 # -- the stub: controlled answers ------------------------------------------------------------------
 def test_markup_in_messages_and_answers_is_inert(stub_server, ui):
     u = ui(stub_server)

@@ -608,6 +608,7 @@ function init() {
     if (e.key === "Escape") {
       if (running) stop();
       else if (!$("settings").hidden) showSettings(false);
+      else closeSidebarOnPhone();
     }
   });
   $("stop").addEventListener("click", stop);
@@ -642,9 +643,13 @@ function init() {
     showSettings(false);
   });
   $("toggle-sidebar").addEventListener("click", () => {
-    const open = !$("sidebar").classList.contains("open");
-    $("sidebar").classList.toggle("open", open);
-    $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+    $("sidebar").classList.add("open");
+    $("toggle-sidebar").setAttribute("aria-expanded", "true");
+    $("new-chat").focus();
+  });
+  $("close-sidebar").addEventListener("click", () => {
+    closeSidebarOnPhone();
+    $("toggle-sidebar").focus();
   });
   for (const k of SETTINGS) $("s-" + k).addEventListener("change", saveSettings);
   $("s-images").addEventListener("change", saveSettings);
