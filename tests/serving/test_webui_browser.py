@@ -216,7 +216,6 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     assert u.answer().locator("a.download").get_attribute("download").endswith(".png")
     assert not p.locator("#messages figure.drawing").count()
     p.screenshot(path=str(shots / "webui-interleaved.png"))
-    p.screenshot(path=str(shots / "webui-desktop.png"))
     p.set_viewport_size({"width": 390, "height": 844})
     p.screenshot(path=str(shots / "webui-phone.png"))
     assert p.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
@@ -229,6 +228,12 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     prior = u.bodies("/v1/chat/completions")[-1]["messages"]
     assert [m["role"] for m in prior] == ["user", "assistant", "user"]
     assert [c["type"] for c in prior[1]["content"]] == ["text", "image_url", "text"]
+    box = p.locator("#composer").bounding_box()  # the conversation scrolls, the box stays
+    assert box["y"] + box["height"] <= 800 and p.evaluate("() => window.scrollY") == 0
+    p.click("#toggle-settings")
+    p.screenshot(path=str(shots / "webui-desktop.png"))
+    p.keyboard.press("Escape")  # closes the settings
+    assert p.is_hidden("#settings")
 
     before = p.inner_text("#messages")
     p.reload()
