@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +36,7 @@ LATENT_RGB = ((0.298, 0.207, 0.208),
               (-0.158, 0.189, 0.264),
               (-0.184, -0.271, -0.473))
 MAX_PREVIEWS = 10
+log = logging.getLogger("dreamllm_fast.serving")
 
 
 def preview_every(steps: int) -> int:
@@ -48,9 +50,15 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
     if latents.dim() != 4 or latents.shape[1] != len(LATENT_RGB):
         raise ValueError(f"a preview needs latents [1, {len(LATENT_RGB)}, h, w], got "
                          f"{list(latents.shape)}")
-    m = torch.tensor(LATENT_RGB, dtype=torch.float32, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), m)  # [h, w, 3]
-    return ((rgb + 1) * 127.5).clamp_(0, 255).to(torch.uint8)
+    m = _MAPS.get(latents.device)
+    if m is None:  # once per device: a host-to-device copy is a sync
+        m = _MAPS[latents.device] = torch.tensor(LATENT_RGB, dtype=torch.float32,
+                                                 device=latents.device).mul_(127.5)
+    rgb = torch.matmul(latents[0].float().permute(1, 2, 0), m)  # [h, w, 3] in ~[-127.5, 127.5]
+    return rgb.add_(127.5).clamp_(0, 255).to(torch.uint8)
+
+
+_MAPS: dict = {}
 
 
 class Preview:
@@ -94,6 +102,12 @@ class ImageProgress:
 
 
 def progress_event(index: int, step: int, steps: int, latents: torch.Tensor) -> ImageProgress:
-    """The event after `step` of `steps` steps, with a preview of `latents` when one is due."""
-    due = step < steps and step % preview_every(steps) == 0 and latents.shape[1] == len(LATENT_RGB)
-    return ImageProgress(index, step, steps, Preview(latent_preview(latents)) if due else None)
+    """The event after `step` of `steps` steps, with a preview of `latents` when one is due. A
+    preview that fails is left out (logged): it must never fail the image it shows."""
+    preview = None
+    if step < steps and step % preview_every(steps) == 0 and latents.shape[1] == len(LATENT_RGB):
+        try:
+            preview = Preview(latent_preview(latents))
+        except Exception:  # noqa: BLE001 - a nicety; the image goes on
+            log.exception("the latent preview failed; sending progress without it")
+    return ImageProgress(index, step, steps, preview)

@@ -282,6 +282,8 @@ def test_replica_serves_the_app_and_checks_its_engine(tiny_ckpt):
         assert h.status_code == 200 and h.headers[REPLICA_HEADER] == "local"
         m = httpx.get(srv.url + "/metrics").text
         assert 'dreamllm_replica_info{app="",deployment="",replica="local"} 1.0' in m
+        page = httpx.get(srv.url + "/")  # the chat page (serving/webui.py) comes with the app
+        assert page.status_code == 200 and "content-security-policy" in page.headers
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         own = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
         assert own.headers.get_list("x-request-id") == [own.json()["id"]]

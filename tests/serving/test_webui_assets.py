@@ -127,3 +127,14 @@ def test_previews_come_every_few_steps_and_never_at_the_last(steps):
     assert all(b - a == preview_every(steps) >= 2 for a, b in zip(got, got[1:]))
     ev = progress_event(0, steps, steps, lat)
     assert ev.delta() == {"image_progress": {"step": steps, "steps": steps}}
+
+
+def test_a_failing_preview_leaves_progress_without_it(monkeypatch):
+    from dreamllm_fast.serving import progress
+
+    def boom(_):
+        raise RuntimeError("no memory for the preview")
+
+    monkeypatch.setattr(progress, "latent_preview", boom)
+    ev = progress_event(0, 2, 10, torch.zeros(1, 4, 2, 2))
+    assert ev.preview is None and ev.delta() == {"image_progress": {"step": 2, "steps": 10}}

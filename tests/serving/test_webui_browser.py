@@ -157,9 +157,11 @@ class UI:
 def ui(browser, request):
     made = []
 
-    def make(server, **kw):
+    def make(server, init=None, **kw):
         u = UI(browser, server.url, **kw)
         made.append(u)
+        if init:
+            u.page.add_init_script(init)
         return u.open()
 
     yield make
@@ -177,12 +179,30 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     u = ui(tiny_server)
     p = u.page
     u.settings(max_tokens=75, temperature=0, seed=5, steps=16)
-    u.send(SKY)
-    # the image is drawn in place: a progress bar, then previews, then the image
-    p.wait_for_selector("#messages figure.drawing img.preview", timeout=120_000)
-    label = p.locator("figure.drawing figcaption span").inner_text()
-    assert re.fullmatch(r"Drawing: step \d+ of 16", label), label
-    p.screenshot(path=str(shots / "webui-drawing.png"))
+    # the worker pauses after the image's 5th U-Net step (previews came at steps 2 and 4) until
+    # the page has been looked at: a tiny U-Net step takes milliseconds
+    sched, held, gate, diffusing = tiny_server.sched, threading.Event(), threading.Event(), [0]
+
+    def hold(s):
+        if any(ph == "diffuse" for _, _, ph in s.phases()):
+            diffusing[0] += 1
+            if diffusing[0] == 5:  # at the start of an iteration: 5 steps done
+                held.set()
+                gate.wait(60)
+
+    sched.on_iteration = hold
+    try:
+        u.send(SKY)
+        assert held.wait(120), "the image never started"
+        p.wait_for_selector("#messages figure.drawing img.preview")
+        p.wait_for_function("() => document.querySelector('figure.drawing figcaption span')"
+                            ".textContent === 'Drawing: step 5 of 16'")
+        assert p.locator("figure.drawing progress").evaluate("e => [e.value, e.max]") == [5, 16]
+        assert not p.locator("#messages figure.image").count()
+        p.screenshot(path=str(shots / "webui-drawing.png"))
+    finally:
+        sched.on_iteration = None
+        gate.set()
     u.wait_done()
     assert p.evaluate("window.__seen") == ["progress", "preview", "image"]
     body = u.bodies("/v1/chat/completions")[-1]
@@ -196,18 +216,31 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
     assert u.answer().locator("a.download").get_attribute("download").endswith(".png")
     assert not p.locator("#messages figure.drawing").count()
     p.screenshot(path=str(shots / "webui-interleaved.png"))
-    p.screenshot(path=str(shots / "webui-desktop.png"))
     p.set_viewport_size({"width": 390, "height": 844})
     p.screenshot(path=str(shots / "webui-phone.png"))
     assert p.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     p.set_viewport_size({"width": 1280, "height": 800})
+    # a follow-up sends the whole turn back, its generated image included, in order
+    u.settings(images=False, max_tokens=3)
+    u.send("And at night?")
+    u.wait_done()
+    assert not p.locator("#messages .error").count()
+    prior = u.bodies("/v1/chat/completions")[-1]["messages"]
+    assert [m["role"] for m in prior] == ["user", "assistant", "user"]
+    assert [c["type"] for c in prior[1]["content"]] == ["text", "image_url", "text"]
+    box = p.locator("#composer").bounding_box()  # the conversation scrolls, the box stays
+    assert box["y"] + box["height"] <= 800 and p.evaluate("() => window.scrollY") == 0
+    p.click("#toggle-settings")
+    p.screenshot(path=str(shots / "webui-desktop.png"))
+    p.keyboard.press("Escape")  # closes the settings
+    assert p.is_hidden("#settings")
 
     before = p.inner_text("#messages")
     p.reload()
     p.wait_for_selector("body[data-ready='1']")
     assert p.inner_text("#messages") == before  # the conversation is kept in the browser
     assert p.locator("#messages figure.image img").count() == 1
-    assert p.input_value("#s-steps") == "16"  # and so are the settings
+    assert p.input_value("#s-steps") == "16" and p.input_value("#s-max-tokens") == "3"  # and so are the settings
     # conversations: new, switch, delete
     p.click("#new-chat")
     assert p.locator("#messages article").count() == 0
@@ -224,7 +257,7 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
 
 def test_stop_aborts_and_frees_the_kv_slot(tiny_server, ui):
     u = ui(tiny_server)
-    u.settings(max_tokens=75, temperature=0, seed=5, steps=200)
+    u.settings(max_tokens=75, temperature=0, seed=5, steps=500)
     u.send(SKY)
     u.page.wait_for_selector("#messages figure.drawing progress", timeout=120_000)
     assert slots_used(tiny_server) == 1  # the sequence holds its slot while its image draws
@@ -252,7 +285,7 @@ def test_images_attached_by_picker_drop_and_paste_are_sent(tiny_server, ui):
     p.evaluate(drop, [base64.b64encode(pngs[1]).decode(), "drop"])
     p.evaluate(drop, [base64.b64encode(pngs[2]).decode(), "paste"])
     p.set_input_files("#file", files=[{"name": "a.gif", "mimeType": "image/gif", "buffer": b"GIF89a"}])
-    p.wait_for_function("document.querySelectorAll('#attachments img').length === 3")
+    p.wait_for_function("() => document.querySelectorAll('#attachments img').length === 3")
     assert "not a PNG or JPEG" in p.inner_text("#notice")
     u.settings(images=False, max_tokens=4, temperature=0)
     u.send("What is in these pictures?")
@@ -292,6 +325,36 @@ def test_draw_mode_calls_the_images_route(tiny_server, ui):
     u.check_console()
 
 
+def test_full_storage_drops_the_oldest_images_first(tiny_server, ui):
+    """localStorage holds a few MB: here it takes 1.5 drawn images; the older one gives way."""
+    full = """
+      const set = Storage.prototype.setItem;
+      Storage.prototype.setItem = function (k, v) {
+        if (k === "dreamllm.conversations" && v.length > 1.5 * (window.__imageChars || 1e9))
+          throw new DOMException("full", "QuotaExceededError");
+        return set.call(this, k, v);
+      };
+    """
+    u = ui(tiny_server, init=full)
+    p = u.page
+    u.settings(steps=1, seed=1)
+    p.click("label[for=mode-draw]")
+    u.send("first")
+    u.wait_done()
+    first = u.answer().locator("figure.image img").get_attribute("src")
+    p.evaluate("n => { window.__imageChars = n; }", len(first))
+    u.send("second")
+    u.wait_done()
+    assert "1 older image(s) were not kept" in p.inner_text("#notice")
+    p.reload()
+    p.wait_for_selector("body[data-ready='1']")
+    figs = p.locator("#messages figure.image")
+    assert figs.count() == 2
+    assert "not kept" in figs.nth(0).inner_text() and figs.nth(0).locator("img").count() == 0
+    assert figs.nth(1).locator("img").get_attribute("src").startswith("data:image/png;base64,")
+    u.check_console()
+
+
 def test_keyboard_shift_enter_is_a_new_line(tiny_server, ui):
     u = ui(tiny_server)
     p = u.page
@@ -306,6 +369,22 @@ def test_keyboard_shift_enter_is_a_new_line(tiny_server, ui):
         .filter(e => !e.closest('[hidden]') && !(e.labels?.length || e.getAttribute('aria-label') || e.textContent.trim()))
         .map(e => e.id || e.outerHTML)""")
     assert unnamed == []
+    u.check_console()
+
+
+def test_phone_width_conversations_open_and_close(tiny_server, ui):
+    u = ui(tiny_server, width=390, height=844)
+    p = u.page
+    assert not p.is_visible("#new-chat")  # the list is off screen
+    p.click("#toggle-sidebar")
+    p.wait_for_selector("#new-chat", state="visible")
+    p.click("#close-sidebar")
+    p.wait_for_selector("#new-chat", state="hidden")
+    p.click("#toggle-sidebar")
+    p.wait_for_selector("#new-chat", state="visible")
+    p.keyboard.press("Escape")
+    p.wait_for_selector("#new-chat", state="hidden")
+    assert p.evaluate("() => document.documentElement.scrollWidth") <= 390
     u.check_console()
 
 

@@ -46,12 +46,39 @@ function load(key, fallback) {
 }
 
 function save() {
-  try {
-    localStorage.setItem(STORE.convs, JSON.stringify(convs));
-    if (currentId) localStorage.setItem(STORE.current, currentId);
-  } catch (e) {
-    notice("This browser's storage is full: delete old conversations to keep new ones.");
+  // localStorage holds a few MB per origin: when full, the oldest images give way, one at a time
+  let dropped = 0;
+  for (;;) {
+    try {
+      localStorage.setItem(STORE.convs, JSON.stringify(convs));
+      if (currentId) localStorage.setItem(STORE.current, currentId);
+      if (dropped) notice(`This browser's storage was full: ${dropped} older image(s) were not kept.`);
+      return;
+    } catch (e) {
+      if (!dropOldestImage()) {
+        notice("This browser's storage is full: delete old conversations to keep new ones.");
+        return;
+      }
+      dropped++;
+    }
   }
+}
+
+function dropOldestImage() {
+  for (let i = convs.length - 1; i >= 0; i--) { // convs[0] is the newest
+    for (const m of convs[i].messages) {
+      if (m.images?.length) {
+        m.images = [];
+        return true;
+      }
+      const p = (m.parts || []).find((x) => x.type === "image" && x.url);
+      if (p) {
+        p.url = null;
+        return true;
+      }
+    }
+  }
+  return false;
 }
 
 function current() {
@@ -143,6 +170,11 @@ function button(text, label, onClick) {
 function imageFigure(url, i) {
   const fig = document.createElement("figure");
   fig.className = "image";
+  if (!url) {
+    fig.classList.add("dropped");
+    fig.textContent = "Image not kept: this browser's storage was full.";
+    return fig;
+  }
   const img = document.createElement("img");
   img.src = url; // a data: URL from the server or the user's own file
   img.alt = "generated image " + (i + 1);
@@ -254,6 +286,10 @@ function renderLive(msg, el) {
     frame = 0;
     const box = $("messages");
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    if (!el.current.isConnected) { // the list was rebuilt (another conversation deleted)
+      if (currentId !== running?.conv.id) return;
+      el.current = box.lastElementChild;
+    }
     const fresh = messageEl(msg);
     el.current.replaceWith(fresh);
     el.current = fresh;
@@ -375,7 +411,9 @@ function history(conv) {
   for (let i = 0; i + 1 < msgs.length; i++) {
     const u = msgs[i], a = msgs[i + 1];
     if (u.role !== "user" || a.role !== "assistant" || u.mode === "draw" || !a.parts.length || a.error) continue;
-    out.push(userContent(u), { role: "assistant", content: a.parts.filter((p) => p.type !== "progress").map(wirePart) });
+    const parts = a.parts.filter((p) => p.type === "text" || (p.type === "image" && p.url));
+    if (!parts.length) continue;
+    out.push(userContent(u), { role: "assistant", content: parts.map(wirePart) });
     i++;
   }
   out.push(userContent(msgs[msgs.length - 1]));
@@ -501,7 +539,7 @@ async function send() {
   } catch (e) {
     if (e.name === "AbortError") msg.stopped = true;
     else msg.error = explain(e);
-    if (e instanceof HttpError && e.status === 401) modelId = null;
+    if (e instanceof HttpError && (e.status === 401 || e.status === 404)) modelId = null; // ask again
   } finally {
     msg.parts = msg.parts.filter((p) => p.type !== "progress");
     running = null;
@@ -548,7 +586,7 @@ function setMode() {
   const draw = $("mode-draw").checked;
   $("draw-options").hidden = !draw;
   $("attach-label").hidden = draw;
-  $("prompt").placeholder = draw ? "Describe an image (Enter draws)" : "Message (Enter sends, Shift+Enter new line, Esc stops)";
+  $("prompt").placeholder = draw ? "Describe an image" : "Message";
   $("send").textContent = draw ? "Draw" : "Send";
 }
 
@@ -570,6 +608,7 @@ function init() {
     if (e.key === "Escape") {
       if (running) stop();
       else if (!$("settings").hidden) showSettings(false);
+      else closeSidebarOnPhone();
     }
   });
   $("stop").addEventListener("click", stop);
@@ -598,11 +637,19 @@ function init() {
   });
   for (const r of document.querySelectorAll("input[name=mode]")) r.addEventListener("change", setMode);
   $("toggle-settings").addEventListener("click", () => showSettings($("settings").hidden));
-  $("close-settings").addEventListener("click", () => showSettings(false));
+  $("settings-form").addEventListener("submit", (e) => {
+    e.preventDefault(); // Enter in a field, or Done: close the panel
+    saveSettings();
+    showSettings(false);
+  });
   $("toggle-sidebar").addEventListener("click", () => {
-    const open = !$("sidebar").classList.contains("open");
-    $("sidebar").classList.toggle("open", open);
-    $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+    $("sidebar").classList.add("open");
+    $("toggle-sidebar").setAttribute("aria-expanded", "true");
+    $("new-chat").focus();
+  });
+  $("close-sidebar").addEventListener("click", () => {
+    closeSidebarOnPhone();
+    $("toggle-sidebar").focus();
   });
   for (const k of SETTINGS) $("s-" + k).addEventListener("change", saveSettings);
   $("s-images").addEventListener("change", saveSettings);
