@@ -190,7 +190,7 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
                 held.set()
                 gate.wait(60)
 
-    sched.on_iteration = hold
+    sched.observer.on_iteration = hold
     try:
         u.send(SKY)
         assert held.wait(120), "the image never started"
@@ -201,7 +201,7 @@ def test_interleaved_answer_draws_live_then_survives_a_reload(tiny_server, ui, s
         assert not p.locator("#messages figure.image").count()
         p.screenshot(path=str(shots / "webui-drawing.png"))
     finally:
-        sched.on_iteration = None
+        sched.observer.on_iteration = None
         gate.set()
     u.wait_done()
     assert p.evaluate("window.__seen") == ["progress", "preview", "image"]
