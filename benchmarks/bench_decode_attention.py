@@ -3,7 +3,8 @@ FlexAttention and the reference; GB/s on the KV bytes.
 
 KV bytes = sum_b (cache_lens[b] + 1) * Hkv * D * 2 (k and v) * element size, over the GPU time
 (graph_us), and as a fraction of the device-to-device copy bandwidth measured in the same run
-(target: >= 0.8 at context 2048, performance.md). Caches rotate over > 4x L2 (one copy per layer,
+(target: >= 0.8 at context 2048, dreamllm_fast/bench/targets.py). Caches rotate over > 4x L2
+(one copy per layer,
 as in a real decode step); the graph captures calls on different copies. SDPA and Flex read
 pre-rotated caches (no RoPE, no cache write). ``--sweep`` times every ``DecodeConfig`` candidate:
 the numbers a GPU session needs to pick ``DEFAULT_CONFIG``.

@@ -13,11 +13,13 @@ Two measurements (``--mode``):
 - ``gpu``: per op, the eager time per call (back-to-back calls, synchronized at the end: the host
   launch path when it bounds) beside the CUDA-graph replay time (GPU only), and the same two for
   the torch equivalent (the reference oracle, SDPA for attention). Issue 11's figures (H100,
-  2026-11-23, from shared/gpu-results): rmsnorm+residual 473 us eager vs 1.59 us in a graph.
+  2026-11-23, benchmarks/results/NVIDIA_H100_80GB_HBM3/2026-11-23_17f6485/launch_overhead.json):
+  rmsnorm+residual 473 us eager vs 1.59 us in a graph.
 
     python -m benchmarks.bench_launch_overhead [--mode host|gpu|both] [--quick] [--out DIR]
 
-Target (performance.md): every op's eager host cost <= 20 us on an H100 host. Benchmarks only.
+Target ("host_cost" in dreamllm_fast/bench/targets.py): every op's eager host cost <= 20 us on an
+H100 host. Benchmarks only.
 """
 import contextlib
 import importlib

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_unet [--quick] [--out DIR] [--backends eager,compiled,...] [--autotune]
 
-Real SD-2.1-base shapes with random weights (timing depends on shapes only, performance.md):
+Real SD-2.1-base shapes with random weights (timing depends on shapes only):
 U-Net sample [2,4,64,64] (CFG batch at 512x512), conditioning [2,64,1024]; VAE latent
 [1,4,64,64] -> [1,3,512,512]. Backends: eager fp16 (diffusers, the baseline), compiled
 (torch.compile, Inductor's default mode + our CUDA graph; `--autotune` for max-autotune, minutes

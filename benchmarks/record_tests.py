@@ -5,7 +5,8 @@
 Each record: nodeid, outcome (passed / failed / error / skipped), duration, skip reason, the
 failure text, the test's ``record_property`` values and the tail of its captured stdout: the GPU
 tests print (and record) the drift they measured, so the figures behind every GPU tolerance come
-back with the result (style.md rule 9). The file is whole after every test, so a run killed by
+back with the result (every loosened tolerance cites its measured drift). The file is whole after
+every test, so a run killed by
 its phase timeout still leaves the tests it finished.
 
 ``--record-timeout`` is a per-test limit for machines without pytest-timeout (the GPU image has

@@ -1,6 +1,7 @@
 """Offline loading of DreamLLM checkpoints in the official release layout, and conversion.
 
-A released checkpoint directory (shared/design/dreamllm.md §4) holds four bf16 pickles:
+A released checkpoint directory (`RunpeiDong/dreamllm-7b-chat-v1.0`, `...-aesthetic-v1.0`) holds
+four bf16 pickles:
 
     pytorch_model.bin            LLM: model.embed_tokens, model.layers.*, model.norm, lm_head
     clip_vision_embedding.bin    clip_vision_model.vision_model.* + projector.projector.{weight,bias}

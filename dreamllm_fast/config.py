@@ -1,8 +1,8 @@
 """Model and engine configuration as dataclasses, with the released constants as presets.
 
 `DreamLLMConfig` describes the model's shapes (LLM, vision tower, diffusion head, dream queries);
-`EngineConfig` holds runtime knobs. Presets: ``dreamllm-7b`` (the released SD-2.1 7B model, see
-shared/design/dreamllm.md §1 and §9) and ``tiny`` (random weights, seconds on a CPU).
+`EngineConfig` holds runtime knobs. Presets: ``dreamllm-7b`` (the released SD-2.1 7B model,
+the shapes of its released config.json and of SD-2.1-base) and ``tiny`` (random weights, seconds on a CPU).
 
 The released ``config.json`` carries legacy ``bos/eos/pad`` ids of 0/1/-1 from the LLaMA conversion;
 they are ignored here. Special-token ids always come from the tokenizer files (`SpecialTokens`).

@@ -279,7 +279,7 @@ class DreamLLMPipeline:
             built = [self._t2i_prompt(p) for p in prompts]
             negs = [None if n is None else self._t2i_prompt(n) for n in negs]
         # Each row runs on its own (unpadded): the original's padded batches shift positions by
-        # the pad count (dreamllm.md §2.6), which is an artifact, not the model.
+        # the pad count, which is an artifact, not the model.
         cond = torch.stack([self._condition(p) for p in built])
         uncond = torch.stack([self._uncond_condition(n) for n in negs])
         return cond, uncond

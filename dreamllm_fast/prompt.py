@@ -1,6 +1,6 @@
 """Prompt construction: the chat template, special-token spans, and the embedding plan.
 
-The layout follows shared/design/dreamllm.md §2 and §10:
+The layout follows the original DreamLLM's:
 - an input image is ``<im_start>`` + P x ``<im_patch>`` + ``<im_end>`` whose P patch slots are
   overwritten by the projected CLIP features (P = 256 for the released model);
 - an image the assistant generated earlier is the dream span ``<dream_start>`` + Q query slots +

@@ -11,7 +11,7 @@ keyed cache dir, CPU or CUDA execution provider; the CPU-verifiable path), "tens
 onnxruntime missing, a failed build) the factory logs a warning naming the reason and returns an
 eager backend; `.name` is the kind actually used and `.fallback_reason` says why. Pass
 `strict=True` to raise instead. The eager module stays reachable as `.eager` for stage-by-stage
-parity checks (style.md §13 "torch fallback").
+parity checks (a torch fallback per component).
 
 Options (**opts): cfg (a DreamLLMConfig: shapes and default resolution), resolution (export
 sample / profile pixels), num_queries (U-Net profile Q when no cfg; default 64), images
@@ -361,7 +361,7 @@ def make_vae_backend(vae: nn.Module, kind: str = "eager", *, precision=None, cac
         default_res = cfg.diffusion.default_resolution
     else:
         spec = vae_spec_from_module(vae)
-        # SD-2.1's VAE config says 768; the engine's default image is 512 (dreamllm.md §1.5).
+        # SD-2.1's VAE config says 768; the engine's default image is 512 (U-Net sample_size 64 x 8).
         default_res = min(int(vae.config.sample_size), 512)
     return _make(VAEBackend, vae, spec, kind, precision=precision, cache_dir=cache_dir,
                  resolution=opts.pop("resolution", default_res), opts=opts)

@@ -7,8 +7,8 @@ benchmarks/bench_unet.py, and the default is torch.compile:
   `CUDAGraphWrapper`. Our own graph (not Inductor's cudagraph trees) because its outputs are
   cloned as they leave the graph, so callers may keep eps across steps without
   `cudagraph_mark_step_begin`; the warm-up calls (compile, any autotuning) run before capture
-  (style.md §4). An Inductor mode with its own graphs ("reduce-overhead", "max-autotune") skips
-  ours.
+  (a capture must not record trial launches). An Inductor mode with its own graphs
+  ("reduce-overhead", "max-autotune") skips ours.
 - "aoti": `torch.export.export` at the call's exact shapes -> `aoti_compile_and_package` ->
   `aoti_load_package`, one package per input signature, cached on disk (no recompilation in a new
   process), also replayed through `CUDAGraphWrapper`.

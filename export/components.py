@@ -1,4 +1,4 @@
-"""Per-component export contract (style.md §13): names, dynamic axes, samples, profiles, shapes.
+"""Per-component export contract: names, dynamic axes, samples, profiles, shapes.
 
 Every exportable piece of the diffusion head (and, optionally, the CLIP vision tower) is described
 by one `ComponentSpec` here, and ONNX export, TensorRT build and the runtime backends read only
@@ -9,7 +9,7 @@ this. Shapes, in the real model's units (SD-2.1-base, latents = resolution / 8):
     vae   : latent [B, 4, h, w] (fp, already divided by the scaling factor 0.18215)
             -> image [B, 3, 8h, 8w] in [-1, 1]
     vision: pixel_values [B, 3, 224, 224] -> image_features [B, 256, 1024]
-            (CLIP hidden_states[-2] with the CLS token dropped, dreamllm.md §1.2)
+            (CLIP hidden_states[-2] with the CLS token dropped, as in the original)
 
 `timestep` is a 1-D float32 tensor with one entry per row ([2B]), never a 0-d scalar: a [2B]
 input keeps the graph free of the scalar->batch `expand` special case, lets rows sit at different

@@ -11,7 +11,8 @@ and each sequence's split length is ``ceil(cache_lens[b] / splits)`` rounded up 
 computed in the kernels from ``cache_lens`` (SGLang's decode kernels do the same). So a context of
 1024 in a 2048-slot cache keeps every split busy, instead of half of them idle as with splits cut
 from ``max_seq`` (the 2026-11-23 design, 11.06 us vs SDPA 8.67 us on an H100 at ctx 1024, batch 1;
-numbers from shared/gpu-results). Programs past the live splits return at once.
+benchmarks/results/NVIDIA_H100_80GB_HBM3/2026-11-23_17f6485/launch_overhead.json).
+Programs past the live splits return at once.
 
 Two variants of the split kernel (``DecodeConfig.variant``):
 - ``"mma"``: one program per (sequence, kv head, split); the q heads of a GQA group are the rows of

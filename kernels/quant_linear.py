@@ -21,7 +21,8 @@ graph always holds the same one):
   pass is still weight-read bound. NOT yet measured against cuBLAS bf16 on a GPU: the issue's
   target (prefill <= 1.1x the bf16 prefill) is for a GPU session to check.
 
-Block sizes are size heuristics (style.md §4), not tuned: no GPU was available when they were set.
+Block sizes are fixed per shape class (decode or not, dtype), not tuned: no GPU was available when
+they were set.
 The split-K partials are a scratch buffer cached with the launch plan (shared by every layer of the
 same shape: launches on one stream run in order), so call once before capturing a graph (the
 engine's warm-up does).

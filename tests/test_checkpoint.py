@@ -159,7 +159,7 @@ def test_bad_json(ckpt_copy):
 
 
 def test_released_7b_config_is_parsed_as_released(tmp_path):
-    """The released config.json fields (dreamllm.md §1.1); component configs fall back to SD-2.1."""
+    """The released config.json fields; component configs fall back to SD-2.1."""
     raw = {"architectures": ["DreamLLMForCausalMLM"], "model_type": "dreamllm", "hidden_size": 4096,
            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,

@@ -1,4 +1,4 @@
-"""Per-dtype tolerance table shared by kernel tests (style.md rule 6).
+"""Per-dtype tolerance table shared by kernel tests.
 
 The primary rule is relative to the framework's own error:
     max|kernel - ref64| <= 2 * max|lowp_torch - ref64| + NOISE_FLOOR[dtype]

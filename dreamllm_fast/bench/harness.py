@@ -5,7 +5,7 @@ for the per-kernel scripts.
 
 Every result file carries the GPU name, driver, library versions, git SHA and date, plus the two
 ceilings measured on the card in the same process (device-to-device copy bandwidth, bf16 GEMM
-rate), so each number is reported as a fraction of what the card can do (performance.md rules).
+rate), so each number is reported as a fraction of what the card can do.
 Benchmarks only: nothing here asserts on timing.
 """
 import argparse

@@ -7,7 +7,7 @@
 
 Weights: a real checkpoint (``checkpoint``), the tiny checkpoint (preset ``tiny``, written to a
 temporary folder), or random weights at a preset's shapes (``devtools.testing.random_checkpoint``;
-timing depends on shapes, not values: performance.md).
+timing depends on shapes, not values).
 """
 from __future__ import annotations
 

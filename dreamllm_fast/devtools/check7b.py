@@ -44,7 +44,8 @@ GiB = 2 ** 30
 # and the caching allocator's rounding. ASSUMED, not measured: `--real` on a GPU reports the
 # device's used memory to replace it with a measured figure.
 UNTRACKED_ALLOWANCE = 1 * GiB
-MEMORY_BOUND = 20 * GiB  # performance.md: the whole 7B pipeline in <= 20 GiB at 2048 context
+# the "memory" target (bench/targets.py): the whole 7B pipeline in <= 20 GiB at 2048 context
+MEMORY_BOUND = 20 * GiB
 # issue 23: int8 weight-only, the whole pipeline under 13 GiB at 2048 context (fp8: the same bytes)
 MEMORY_BOUNDS = {"bf16": MEMORY_BOUND, "int8": 13 * GiB, "fp8": 13 * GiB}
 H100_SMS = 132  # the decode split count reads the SM count, which needs a driver: H100 SXM's

@@ -202,7 +202,7 @@ def fake_checkpoint(config, dtype=torch.bfloat16):
 
 
 def released_special_tokens():
-    """The released 7B ids (shared/design/dreamllm.md §2.1); the fake run has no tokenizer files."""
+    """The released 7B tokenizer's ids (its added_tokens.json); the fake run has no tokenizer files."""
     from ..config import SpecialTokens
 
     return SpecialTokens(bos=1, eos=2, unk=0, pad=32000, im_start=32001, im_end=32005, im_patch=32004,

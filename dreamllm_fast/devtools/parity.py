@@ -1,7 +1,8 @@
 """Parity with a high-precision arbiter: is the engine's low-precision drift like the reference's?
 
 Comparing two bf16 paths to each other measures the sum of two drifts. On an H100 at 7B shapes
-(random weights, 300 random embeddings; shared/gpu-results/2026-11-23/arbiter.txt) the bf16 engine
+(random weights, 300 random embeddings;
+benchmarks/results/NVIDIA_H100_80GB_HBM3/2026-11-23_17f6485/arbiter.txt) the bf16 engine
 was rel 0.362 from the bf16 reference, but rel 0.070 from the fp32 reference, where the bf16
 reference itself was rel 0.368: the engine was the closer one. So every run here is compared to the
 reference at a higher precision (the arbiter):

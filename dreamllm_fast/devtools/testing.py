@@ -2,7 +2,7 @@
 
 `random_checkpoint(config)` returns a `Checkpoint` whose tensors have exactly the shapes and names
 `load_checkpoint` produces, drawn on `device` (13 GB at 7B shapes: never written to disk). Timing
-depends only on shapes (performance.md), and both backends accept the object as they would a
+depends only on shapes, not on weight values, and both backends accept the object as they would a
 loaded checkpoint. The tokenizer of a tiny checkpoint directory (`path`) can stand in for the
 real one: its ids are all < 400, valid in any vocabulary this large.
 """

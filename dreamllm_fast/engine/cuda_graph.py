@@ -1,4 +1,4 @@
-"""`CudaGraphRunner`: captured decode steps at a few batch sizes (style.md §12; SGLang's runner).
+"""`CudaGraphRunner`: captured decode steps at a few batch sizes (after SGLang's runner).
 
 Two kinds of step share the runner, each over its own static inputs (`DecodeBuffers`), so one can
 never clobber the other's state:

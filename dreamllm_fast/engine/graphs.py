@@ -44,7 +44,7 @@ class CudaGraphs:
 
     def warmup(self, fn: Step, runs: int = 2) -> None:
         """Eager runs on the capture stream: Triton compiles/autotunes and lazy scratch buffers are
-        allocated here, never inside a capture (style.md §4)."""
+        allocated here, never inside a capture."""
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             for _ in range(runs):

@@ -7,7 +7,7 @@
   scale per output channel, quantized on the device right after the fusion, or read as stored by
   `convert --weights`) and run through `kernels.quant_linear`; everything else stays unquantized.
 - `KVCache`: per layer `[num_slots + 1, max_seq, Hkv, D]` K and V views of one buffer allocated
-  once; `max_seq` is the context rounded up to a multiple of 8 (style.md §11). The last slot is a
+  once; `max_seq` is the context rounded up to a multiple of 8. The last slot is a
   short scratch slot that graph padding and capture warm-ups write into, so they never touch a live
   sequence.
 - `LlamaRunner.prefill`: any number of new tokens for B sequences packed varlen (append_attention),

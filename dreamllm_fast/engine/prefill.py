@@ -190,7 +190,7 @@ class PrefillRunner:
     # -- capture ------------------------------------------------------------------------------
     @torch.no_grad()
     def capture(self, backend) -> None:
-        """Warm up and capture every bucket, largest first (one shared pool, style.md §12).
+        """Warm up and capture every bucket, largest first (one shared memory pool).
 
         Warm-ups and captures run one padding sequence of min(T, scratch_len) rows on the scratch
         slot (every other sequence empty): the kernels compile and autotune at the real grid sizes,

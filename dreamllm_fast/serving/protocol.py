@@ -53,7 +53,7 @@ class ServeConfig:
     # peaked that T <= 2 samples its greedy text, so the sampling tests use T = 8)
     max_temperature: float = 2.0
     # Defaults of the images of interleaved answers and /v1/images/generations (the original's
-    # text-to-image function: 50 DDPM steps, guidance 7.5; dreamllm.md §1.5).
+    # text-to-image function: 50 DDPM steps, guidance 7.5).
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     max_images: int = 4

@@ -69,7 +69,7 @@ def test_run_ahead_with_graphs_equals_one_step_at_a_time(tiny_ckpt):
 
 
 def test_sampling_graph_outputs_and_ids_poisoned_then_rewritten(tiny_ckpt):
-    """style.md §8 for the self-advancing step: NaN its captured logits, junk its ids buffer's
+    """Poisoned outputs for the self-advancing step: NaN its captured logits, junk its ids buffer's
     padding, replay through a batch, compare with the eager step."""
     m, tok = _engine(tiny_ckpt, torch.float32)
     s = m.new_session()

@@ -1,7 +1,7 @@
 """GPU checks of the compiled and TensorRT backends (skipped on CPU with the reason), and the
 compile options, which the CPU can check.
 
-Tolerance rule (style.md §6): the fast backend's fp16 output must sit within
+Tolerance rule (as in tests/kernels/kernel_helpers.py): the fast backend's fp16 output must sit within
 2 x (eager fp16's own error vs the fp32 reference) + FP16_FLOOR of the fp32 reference. A wrong
 graph, a stale CUDA-graph buffer or a mis-bound TensorRT tensor shows errors of O(1), far above
 that. Every check records its measured drift (`record_property`: max_abs_err, eager_fp16_err,

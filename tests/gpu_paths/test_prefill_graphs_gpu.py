@@ -94,7 +94,7 @@ def test_dream_branch_and_condition_pair_graph_equals_eager(model):
 
 
 def test_poisoned_static_output_is_rewritten(model):
-    """style.md §8: NaN-fill the graphs' static output, replay, compare to eager."""
+    """Poisoned outputs: NaN-fill the graphs' static output, replay, compare to eager."""
     m = model
     m.prefill.hidden.fill_(float("nan"))
     got, want = _both(m, _extend(m, (21,)))

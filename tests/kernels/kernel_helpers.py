@@ -1,4 +1,4 @@
-"""Helpers for kernel tests: case builders, NaN poisoning and the style.md tolerance rule.
+"""Helpers for kernel tests: case builders, NaN poisoning and the tolerance rule.
 
 Imported as a plain module (pytest's default ``prepend`` import mode puts this folder on sys.path;
 tests/ has no __init__.py).
@@ -28,7 +28,7 @@ __all__ = ["ATOL_RTOL", "NOISE_FLOOR", "DEVICE", "HAS_CUDA", "TRITON_DEVICE", "r
 
 
 def assert_close_to_ref(name, got, ref64, lowp, dtype, floor=None):
-    """style.md rule 6: max|got - ref64| <= 2 max|lowp - ref64| + floor; prints the diffs first."""
+    """Tolerance rule: max|got - ref64| <= 2 max|lowp - ref64| + floor; prints the diffs first."""
     floor = NOISE_FLOOR[dtype] if floor is None else floor
     got64, lowp64 = got.double(), lowp.double()
     assert torch.isfinite(got64).all(), f"{name}: non-finite values in the kernel output"

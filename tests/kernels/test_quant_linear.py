@@ -1,6 +1,6 @@
 """Weight-only quantized linear (int8 / fp8 e4m3, per-channel scales) vs a float64 oracle.
 
-Rule (style.md §6): max|kernel - ref64| <= 2 * max|torch lowp - ref64| + noise floor, where ref64
+Rule (kernel_helpers.py): max|kernel - ref64| <= 2 * max|torch lowp - ref64| + noise floor, where ref64
 is the float64 product of x and the dequantized weight and "torch lowp" is torch's own matmul in
 the test dtype of the dequantized weight (F.linear(x, (Q * s).to(dtype))). The kernel rounds
 once (after the fp32 reduction and the scale), torch rounds the dequantized weight and the output,

@@ -6,8 +6,8 @@ arbiter, the bf16 reference and the bf16 engine (CPU path) are each compared to 
 engine's bf16 math is the torch oracles' (the same roundings as HF eager), so its drift is like the
 reference's: measured (torch 2.14.1, 3 seeds, tiny random weights std 0.05, 60 embeddings, 8
 teacher-forced steps) engine/reference drift ratios 0.95-1.16 (prefill 0.0095 vs 0.0082, decode
-0.0112 vs 0.0107, condition 0.0122 vs 0.0120 at seed 0). The bound is style.md rule 6's: at most
-twice the framework's own low-precision error.
+0.0112 vs 0.0107, condition 0.0122 vs 0.0120 at seed 0). The bound is the kernel tests' rule
+(tests/kernels/kernel_helpers.py): at most twice the framework's own low-precision error.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dreamllm_fast.devtools.parity import arbiter, format_drifts, greedy
 from dreamllm_fast.devtools.testing import random_checkpoint
 from dreamllm_fast.reference import ReferenceModel
 
-DRIFT_RATIO = 2.0  # style.md rule 6; measured 0.95-1.16 on the CPU (module docstring)
+DRIFT_RATIO = 2.0  # twice the reference's own drift; measured 0.95-1.16 on the CPU (module docstring)
 STEPS = 8
 
 

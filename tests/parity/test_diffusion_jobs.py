@@ -3,7 +3,7 @@
 The server batches the U-Net steps of concurrent images: each job keeps its own step count (so its
 own timesteps), guidance scale (or none) and generator. Tiny checkpoint, fp32, CPU.
 
-Tolerance (style.md rule 6): the arbiter is the same loop with the U-Net evaluated in float64 (the
+Tolerance (twice fp32's own error): the arbiter is the same loop with the U-Net evaluated in float64 (the
 latents, the DDPM arithmetic and the noise stay fp32, so only the U-Net's rounding differs). A
 batched job may differ from the arbiter by at most twice what the one-image fp32 loop itself does,
 plus fp32's noise floor at the latents' scale. Measured here (2-core Xeon, torch 2.14): batched vs

@@ -1,7 +1,7 @@
 """GPU parity of the engine: Triton kernels + CUDA graphs vs the reference, tiny and 7B shapes.
 
 Skips on CPU. Tolerances marked "measure on GPU" are placeholders to set from the printed numbers
-of the first GPU run (style.md rule 9: every loosened tolerance cites its measured drift). The
+of the first GPU run (every loosened tolerance cites its measured drift). The
 7B test compares both bf16 paths to an fp32 arbiter (dreamllm_fast/devtools/parity.py; its CPU twin
 is tests/parity/test_arbiter.py).
 """
@@ -26,7 +26,8 @@ TINY_FP32_LOGIT_ATOL = 1e-3  # measure on GPU (Triton fp32 uses ieee MMA; expect
 # 7B shapes, bf16, drift = rel. L2 from the fp32 reference on the same card. The engine's drift may
 # be at most the bf16 reference's own (factor 1.0):
 # - prefill logits: measured on an H100 80GB HBM3 (2026-11-23, torch 2.11, triton 3.6, commit
-#   17f6485, shared/gpu-results/2026-11-23/arbiter.txt, 300 embeddings): engine 0.070, reference 0.368;
+#   17f6485, 300 embeddings; benchmarks/results/NVIDIA_H100_80GB_HBM3/2026-11-23_17f6485/arbiter.txt):
+#   engine 0.070, reference 0.368;
 # - teacher-forced decode logits and the dream condition: not yet measured on a GPU (measure on GPU).
 BIG_BF16_DRIFT_RATIO = {"prefill": 1.0, "decode": 1.0, "decode_worst_step": 1.0, "condition": 1.0}
 
@@ -95,7 +96,7 @@ def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
 
 
 def test_cuda_graph_poisoned_output_is_rewritten(tiny_dir):
-    """style.md §8: zero (NaN-fill) the captured output, replay, compare to eager."""
+    """Poisoned output: zero (NaN-fill) the captured output, replay, compare to eager."""
     from dreamllm_fast.checkpoint import load_checkpoint
     from dreamllm_fast.engine import EngineModel
 

@@ -55,7 +55,7 @@ def test_t2i_condition_is_normed_hidden_at_query_positions(ref_pipe):
 
 
 def test_original_two_pass_condition_matches_one_pass(ref_pipe):
-    """The original runs the prompt, then the 66-token dream span on its cache (dreamllm.md §3b)."""
+    """The original runs the prompt, then the 66-token dream span on its cache."""
     pipe = ref_pipe
     m = pipe.model
     ids = pipe.tokenizer("two cats").input_ids
