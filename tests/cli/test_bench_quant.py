@@ -9,7 +9,7 @@ from dreamllm_fast.cli import main
 def test_bench_rows_for_the_quantized_engines(tmp_path):
     out = tmp_path / "r"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--out", str(out), "--backends", "engine",
-                 "--weights", "bf16", "int8", "fp8", "--stages", "prefill", "decode", "dream", "projection",
+                 "--weights", "bf16", "int8", "fp8", "--stages", "prefill", "decode", "dream",
                  "--contexts", "16", "--decode-tokens", "2",
                  "--no-compile-baseline"]) == 0
     rep = json.loads((out / "report.json").read_text())
@@ -18,7 +18,6 @@ def test_bench_rows_for_the_quantized_engines(tmp_path):
     got = {(r["stage"], r["provider"]) for r in rows}
     for stage in ("prefill", "decode", "dream"):
         assert {(stage, "engine"), (stage, "engine-int8"), (stage, "engine-fp8")} <= got
-    assert not any(p.startswith("engine-") for st, p in got if st == "projection")
     dec = {(r["provider"], r["context"]): r for r in rows if r["stage"] == "decode"}
     for ctx in (16,):
         # each engine's floor is the bytes it reads: fp32 weights here vs 1 byte + scales

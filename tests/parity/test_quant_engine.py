@@ -7,10 +7,11 @@ runs the Triton kernel at the same call sites in interpreter mode). Measured on 
 
     engine                 greedy tokens   max |logit diff|   condition rel err   image PSNR (2 steps)
     int8 weights, fp32     64 / 64         0.108              2.2e-3              83.5 dB
-    fp8 weights, fp32      64 / 64         0.428              9.1e-3              74.0 dB
+    fp8 weights, fp32      64 / 64 (*)     0.428 (*)          9.1e-3              74.0 dB (*)
     bf16 engine (context)  64 / 64         0.132              -                   44.8 dB (4 steps)
 
-all against the fp32 engine with unquantized weights (the bf16 row, measured once and not a test:
+(*) measured once, not run in CI (time); all against the fp32 engine with unquantized weights
+(the bf16 row, measured once and not a test:
 the unquantized engine in bf16, the drift the project already accepts). The tiny model decodes almost "previous id
 + 1" with a logit margin of ~30, so token agreement alone is weak: the logits and the condition
 are checked too, and each quantized engine must differ from the fp32 one (a quantization that
@@ -83,7 +84,7 @@ def test_weights_are_quantized_where_asked_and_only_there(pipes, fmt):
     assert w.decode_read_bytes() < 0.4 * base.decode_read_bytes()  # 1 byte vs 4 per weight (+ scales)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8"])  # fp8: measured once (module docstring), CI time
 def test_greedy_tokens_agree_over_64_steps(pipes, fmt):
     ids_b, lg_b = _chat(pipes["bf16"])
     ids_q, lg_q = _chat(pipes[fmt])
@@ -114,7 +115,7 @@ def test_dream_condition_close(pipes, fmt):
     assert 0 < rel <= COND_RTOL[fmt]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8"])  # fp8: measured once (module docstring), CI time
 def test_text_to_image_psnr(pipes, fmt):
     kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="pt")
     ib = pipes["bf16"].text_to_image("a red cat", generator=torch.Generator().manual_seed(0), **kw)
@@ -135,16 +136,22 @@ def test_quantized_weights_need_the_engine(ckpt_dir):
 @pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="interpreter-mode check of the Triton path on CPU; GPU tests cover it natively")
 @pytest.mark.parametrize("fmt", ["int8"])  # fp8 through the kernel: tests/kernels/test_quant_linear.py
-def test_quant_triton_path_matches_reference_path(pipes, fmt):
+def test_quant_triton_path_matches_reference_path(ckpt_dir, fmt):
     """Prefill (tiled plan), decode steps and the sampled row's logits (split-K plan) and the dream
-    branch through kernels/quant_linear.py, against the same engine on the torch reference ops.
-    Measured (fp32 activations): logits max diff 3.8e-6, condition relative error 2.5e-7 (fp8,
-    measured once: 7.6e-6 / 2.7e-7)."""
+    branch through kernels/quant_linear.py, against the same engine on the torch reference ops
+    (unbucketed passes: the interpreter's cost grows with the padded rows). Measured (fp32
+    activations): logits max diff 3.8e-6, condition relative error 2.5e-7 (fp8, measured once:
+    7.6e-6 / 2.7e-7)."""
     pytest.importorskip("triton")
     from dreamllm_fast import kernels as K
+    from dreamllm_fast.checkpoint import load_checkpoint
+    from dreamllm_fast.config import EngineConfig, SpecialTokens
+    from dreamllm_fast.engine import EngineModel
 
-    m = pipes[fmt].model
-    emb = m.embed_tokens(list(range(5, 40)))
+    ck = load_checkpoint(ckpt_dir)
+    m = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), "cpu", torch.float32,
+                    engine_config=EngineConfig(precision="fp32", weights=fmt, prefill_buckets=()))
+    emb = m.embed_tokens(list(range(5, 25)))
     Q = m.dream_queries.shape[0]
     span = torch.cat([m.embed_tokens([m.special.dream_start]), m.dream_queries])
     runs = {}
@@ -153,7 +160,7 @@ def test_quant_triton_path_matches_reference_path(pipes, fmt):
         s = m.new_session()
         try:
             logits = [s.extend(emb)]
-            for _ in range(3):
+            for _ in range(2):
                 logits.append(s.extend(m.embed_tokens([int(logits[-1].argmax())])))
             runs[backend] = (torch.stack(logits), s.extend_dream(span, list(range(1, Q + 1))))
         finally:
