@@ -10,3 +10,7 @@ GRAPH_STAGES = ("prefill", "decode", "dream")
 LLM_STAGES = ("vision", "prefill", "decode", "dream", "t2i", "interleaved", "decode_loop")
 # Model backends a run can compare: engine_eager is the engine with EngineConfig(use_cuda_graphs=False).
 BACKENDS = ("engine", "engine_eager", "reference")
+# Weight-only quantized engines (`--weights int8 fp8`): providers "engine-int8", "engine-fp8" (CUDA
+# graphs as "engine"), measured beside the bf16 engine on these stages, each with its own floor.
+QUANT_WEIGHTS = ("int8", "fp8")
+QUANT_STAGES = ("prefill", "decode", "dream")

@@ -50,8 +50,11 @@ def build_checkpoint(preset: Optional[str], checkpoint: Optional[str], device, d
     return random_checkpoint(DreamLLMConfig.from_name(preset), device=device, dtype=dtype), special
 
 
-def build_models(backends, preset, checkpoint, device, dtype) -> dict:
-    """{name: model} for `backends` (a subset of BACKENDS), all on one checkpoint's tensors."""
+def build_models(backends, preset, checkpoint, device, dtype, weights=(), errors=None) -> dict:
+    """{name: model} for `backends` (a subset of BACKENDS), all on one checkpoint's tensors; plus
+    "engine-<fmt>" for each quantized format in `weights` (int8, fp8). A quantized engine that
+    cannot be built (fp8 below compute capability 8.9) goes to `errors` as (name, exception)
+    instead of failing the others."""
     ckpt, special = build_checkpoint(preset, checkpoint, device, dtype)
     models = {}
     for name in backends:
@@ -68,6 +71,18 @@ def build_models(backends, preset, checkpoint, device, dtype) -> dict:
             models[name] = ReferenceModel(ckpt, special, device=device, dtype=dtype)
         else:
             raise ValueError(f"unknown bench backend {name!r}; choose from {BACKENDS}")
+    for fmt in dict.fromkeys(weights):
+        if fmt == "bf16":  # the plain engine: `backends` decides
+            continue
+        from ..engine import EngineModel
+
+        try:
+            ec = EngineConfig(precision=Precision.parse(dtype), weights=fmt)
+            models[f"engine-{fmt}"] = EngineModel(ckpt, special, device=device, dtype=dtype, engine_config=ec)
+        except Exception as e:
+            if errors is None:
+                raise
+            errors.append((f"engine-{fmt}", e))
     return models
 
 

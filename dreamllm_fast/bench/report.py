@@ -69,9 +69,10 @@ def speedups(rows: list[dict]) -> list[dict]:
         if "ms" not in r:
             continue
         diffusion = r.get("stage") in DIFFUSION_STAGES
-        if (r.get("provider") != "engine") if not diffusion else r.get("provider") == "eager":
+        quant = str(r.get("provider", "")).startswith("engine-")  # engine-int8/-fp8 against the bf16 engine
+        if not quant and ((r.get("provider") != "engine") if not diffusion else r.get("provider") == "eager"):
             continue
-        wanted = ("eager",) if diffusion else BASELINES
+        wanted = ("engine",) if quant else ("eager",) if diffusion else BASELINES
         for b in rows:
             if b is r or b.get("stage") != r["stage"] or b.get("context") != r.get("context") or "ms" not in b:
                 continue

@@ -21,7 +21,7 @@ import datetime
 import time
 from pathlib import Path
 
-from . import BACKENDS, GRAPH_STAGES, LLM_STAGES, STAGES
+from . import BACKENDS, GRAPH_STAGES, LLM_STAGES, QUANT_STAGES, QUANT_WEIGHTS, STAGES
 
 DIFFUSION_BACKENDS = ("eager", "compiled", "compiled-aoti", "onnxruntime", "tensorrt")
 ISOLATED_TIMEOUT_S = 300.0  # one compile+StaticCache context compiled in ~70 s on the H100
@@ -38,6 +38,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                    help="model backends to compare (engine_eager: the engine without CUDA graphs, "
                         "measured on prefill, decode and dream only)")
+    p.add_argument("--weights", nargs="+", default=["bf16"], choices=("bf16",) + QUANT_WEIGHTS,
+                   help="add the weight-only quantized engines as providers engine-int8 / engine-fp8 "
+                        f"on the {', '.join(QUANT_STAGES)} stages, beside the bf16 engine, each with "
+                        "its own floor (bytes it reads per token); bf16 alone: none (default)")
     p.add_argument("--no-compile-baseline", action="store_true",
                    help="skip the torch.compile + static-cache decode baseline")
     p.add_argument("--diffusion-backends", nargs="+", default=None, choices=DIFFUSION_BACKENDS,
@@ -128,7 +132,8 @@ def run_bench(args) -> int:
     meta = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "preset": preset,
             "checkpoint": args.checkpoint, "smoke_run_not_a_claim": device.type != "cuda",
             "settings": {k: v for k, v in vars(s).items() if k != "extra"},
-            "budget_s": args.budget_s, "autotune": args.autotune, "status": "running", "skipped": []}
+            "budget_s": args.budget_s, "autotune": args.autotune, "status": "running", "skipped": [],
+            "weights": list(args.weights)}
     run = _Run(out, {"env": env_info(), "ceilings": {}, "meta": meta, "rows": []})
     run.write()
     print(f"measuring ceilings on {device} ...", flush=True)
@@ -140,9 +145,11 @@ def run_bench(args) -> int:
     needs_llm = any(st in LLM_STAGES for st in s.stages)
     backends = [b for b in args.backends if b != "engine_eager" or any(st in GRAPH_STAGES for st in s.stages)]
     broken = None  # why in-process stages can no longer run
+    quant_errors: list = []
     try:
-        models = (build_models(backends, args.preset, args.checkpoint, device, dtype) if needs_llm
-                  else {"diffusion": DiffusionModels(args.preset, args.checkpoint, device, dtype)})
+        models = (build_models(backends, args.preset, args.checkpoint, device, dtype, args.weights, quant_errors)
+                  if needs_llm else {"diffusion": DiffusionModels(args.preset, args.checkpoint, device, dtype)})
+        run.add([error_row("setup", name, e) for name, e in quant_errors])
     except Exception as e:
         run.add([error_row("setup", ",".join(backends) if needs_llm else "diffusion", e)])
         broken, models = f"the models could not be built ({type(e).__name__})", {}

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..diffusion import decode_latents, denoise, make_scheduler
-from . import GRAPH_STAGES, LLM_STAGES, STAGES  # noqa: F401 (re-exported)
+from . import GRAPH_STAGES, LLM_STAGES, QUANT_STAGES, STAGES  # noqa: F401 (re-exported)
 from .harness import bench_fn, ceilings
 
 
@@ -91,8 +91,10 @@ def _row(stage: str, provider: str, fn, device, floor_ms: Optional[float] = None
 
 
 def models_for(stage: str, models: dict) -> dict:
-    """The providers a stage compares: engine_eager only where it differs from engine."""
-    return {k: m for k, m in models.items() if k != "engine_eager" or stage in GRAPH_STAGES}
+    """The providers a stage compares: engine_eager only where it differs from engine, the
+    quantized engines (engine-int8, engine-fp8) on QUANT_STAGES."""
+    return {k: m for k, m in models.items() if (k != "engine_eager" or stage in GRAPH_STAGES)
+            and (not k.startswith("engine-") or stage in QUANT_STAGES)}
 
 
 def _each(stage: str, models: dict, body: Callable) -> list[dict]:
@@ -107,7 +109,12 @@ def _each(stage: str, models: dict, body: Callable) -> list[dict]:
 
 
 def _weight_bytes(model) -> int:
-    """Bytes one decode step must read: every LLM weight but the gathered embedding table."""
+    """Bytes one decode step must read: every LLM weight but the gathered embedding table (a
+    quantized engine: the bytes its weights, scales and norms really occupy)."""
+    from ..engine import EngineModel
+
+    if isinstance(model, EngineModel) and model.engine_config.weights.quantized:
+        return model.weights.decode_read_bytes()
     c = model.config.llm
     per_layer = (4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
                  + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)

@@ -7,10 +7,11 @@ runs the Triton kernel at the same call sites in interpreter mode). Measured on 
 
     engine                 greedy tokens   max |logit diff|   condition rel err   image PSNR (2 steps)
     int8 weights, fp32     64 / 64         0.108              2.2e-3              83.5 dB
-    fp8 weights, fp32      64 / 64         0.428              9.1e-3              74.0 dB
+    fp8 weights, fp32      64 / 64 (*)     0.428 (*)          9.1e-3              74.0 dB (*)
     bf16 engine (context)  64 / 64         0.132              -                   44.8 dB (4 steps)
 
-all against the fp32 engine with unquantized weights (the bf16 row, measured once and not a test:
+(*) measured once, not run in CI (time); all against the fp32 engine with unquantized weights
+(the bf16 row, measured once and not a test:
 the unquantized engine in bf16, the drift the project already accepts). The tiny model decodes almost "previous id
 + 1" with a logit margin of ~30, so token agreement alone is weak: the logits and the condition
 are checked too, and each quantized engine must differ from the fp32 one (a quantization that
@@ -83,7 +84,7 @@ def test_weights_are_quantized_where_asked_and_only_there(pipes, fmt):
     assert w.decode_read_bytes() < 0.4 * base.decode_read_bytes()  # 1 byte vs 4 per weight (+ scales)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8"])  # fp8: measured once (module docstring), CI time
 def test_greedy_tokens_agree_over_64_steps(pipes, fmt):
     ids_b, lg_b = _chat(pipes["bf16"])
     ids_q, lg_q = _chat(pipes[fmt])
@@ -114,7 +115,7 @@ def test_dream_condition_close(pipes, fmt):
     assert 0 < rel <= COND_RTOL[fmt]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8"])  # fp8: measured once (module docstring), CI time
 def test_text_to_image_psnr(pipes, fmt):
     kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="pt")
     ib = pipes["bf16"].text_to_image("a red cat", generator=torch.Generator().manual_seed(0), **kw)
@@ -135,16 +136,22 @@ def test_quantized_weights_need_the_engine(ckpt_dir):
 @pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="interpreter-mode check of the Triton path on CPU; GPU tests cover it natively")
 @pytest.mark.parametrize("fmt", ["int8"])  # fp8 through the kernel: tests/kernels/test_quant_linear.py
-def test_quant_triton_path_matches_reference_path(pipes, fmt):
+def test_quant_triton_path_matches_reference_path(ckpt_dir, fmt):
     """Prefill (tiled plan), decode steps and the sampled row's logits (split-K plan) and the dream
-    branch through kernels/quant_linear.py, against the same engine on the torch reference ops.
-    Measured (fp32 activations): logits max diff 3.8e-6, condition relative error 2.5e-7 (fp8,
-    measured once: 7.6e-6 / 2.7e-7)."""
+    branch through kernels/quant_linear.py, against the same engine on the torch reference ops
+    (unbucketed passes: the interpreter's cost grows with the padded rows). Measured (fp32
+    activations): logits max diff 3.8e-6, condition relative error 2.5e-7 (fp8, measured once:
+    7.6e-6 / 2.7e-7)."""
     pytest.importorskip("triton")
     from dreamllm_fast import kernels as K
+    from dreamllm_fast.checkpoint import load_checkpoint
+    from dreamllm_fast.config import EngineConfig, SpecialTokens
+    from dreamllm_fast.engine import EngineModel
 
-    m = pipes[fmt].model
-    emb = m.embed_tokens(list(range(5, 40)))
+    ck = load_checkpoint(ckpt_dir)
+    m = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), "cpu", torch.float32,
+                    engine_config=EngineConfig(precision="fp32", weights=fmt, prefill_buckets=()))
+    emb = m.embed_tokens(list(range(5, 25)))
     Q = m.dream_queries.shape[0]
     span = torch.cat([m.embed_tokens([m.special.dream_start]), m.dream_queries])
     runs = {}
@@ -153,7 +160,7 @@ def test_quant_triton_path_matches_reference_path(pipes, fmt):
         s = m.new_session()
         try:
             logits = [s.extend(emb)]
-            for _ in range(3):
+            for _ in range(2):
                 logits.append(s.extend(m.embed_tokens([int(logits[-1].argmax())])))
             runs[backend] = (torch.stack(logits), s.extend_dream(span, list(range(1, Q + 1))))
         finally:
@@ -163,3 +170,60 @@ def test_quant_triton_path_matches_reference_path(pipes, fmt):
     rel = _rel(runs["triton"][1], runs["ref"][1])
     print(f"{fmt} Triton vs reference path: max |logit diff| {diff:.3g}, condition rel err {rel:.3g}")
     assert diff <= 1e-4 and rel <= 1e-5
+
+
+# -- against the fp32 arbiter, beside the bf16 engine's own drift ------------------------------
+INT8_DRIFT_RATIO = 3.0  # measured 1.9-2.4 (3 seeds); fp8, measured once, not a test: 6.0-7.8
+
+
+def test_arbiter_int8_engine_drift_beside_the_bf16_engine(tiny_ckpt):
+    """engine/parity.py's arbiter on the tiny model with bf16 activations: the fp32 reference is the
+    arbiter; "reference@bf16" is the unquantized bf16 engine here, "engine@bf16" the int8 one, so
+    the ratio is what int8 weights add to the drift the bf16 engine already has. Measured (seed 0,
+    8 teacher-forced steps): int8 prefill 0.0225 vs bf16 0.0095, decode 0.0224 vs 0.0112,
+    condition 0.0242 vs 0.0122; seeds 1-2 alike. fp8 (same run, not asserted): 0.062 / 0.073 / 0.074."""
+    from dreamllm_fast.checkpoint import load_tokenizer
+    from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
+    from dreamllm_fast.engine import EngineModel
+    from dreamllm_fast.engine.parity import arbiter, format_drifts
+    from dreamllm_fast.engine.testing import random_checkpoint
+    from dreamllm_fast.reference import ReferenceModel
+
+    special = SpecialTokens.from_tokenizer(load_tokenizer(tiny_ckpt))
+    cfg = DreamLLMConfig.from_name("tiny")
+    ck = random_checkpoint(cfg, dtype=torch.float32, std=0.05, seed=0)
+    emb = torch.randn(60, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
+
+    def build(kind, dtype):
+        if kind == "reference" and dtype == torch.float32:
+            return ReferenceModel(ck, special, "cpu", dtype)
+        return EngineModel(ck, special, "cpu", dtype, engine_config=EngineConfig(
+            precision=dtype, prefill_buckets=(16, 32, 64, 96), weights="bf16" if kind == "reference" else "int8"))
+
+    d = arbiter(build, torch.float32, torch.bfloat16, emb, 8, special.dream_start)
+    print(f"int8 engine vs bf16 engine, drift from fp32: {format_drifts(d)}")
+    for k in ("prefill", "decode", "decode_worst_step", "condition"):
+        q, b = d["engine"][k], d["reference"][k]
+        assert 0 < b < 0.1 and b < q <= INT8_DRIFT_RATIO * b, f"{k}: int8 {q:.3g} vs bf16 engine {b:.3g}"
+
+
+def test_int8_engine_graph_path_equals_its_eager_path(ckpt_dir):
+    """The quantized engine through the graph runners (stand-in backend: capture + replay of every
+    prefill bucket and decode size) gives the same tokens and logits, bit for bit, as its eager
+    twin with the same bucketed shapes."""
+    from dreamllm_fast.checkpoint import load_checkpoint
+    from dreamllm_fast.config import EngineConfig, SpecialTokens
+    from dreamllm_fast.engine import EngineModel
+    from dreamllm_fast.engine.graphs import StandInGraphs
+    from dreamllm_fast.engine.parity import greedy
+
+    ck = load_checkpoint(ckpt_dir)
+    eng = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), "cpu", torch.float32,
+                      graph_backend=StandInGraphs(),
+                      engine_config=EngineConfig(precision="fp32", prefill_buckets=(32, 64), weights="int8"))
+    emb = eng.embed_tokens(list(range(3, 50)))
+    replays = eng.graph_backend.replays
+    tg, lg = greedy(eng, emb, 12, graphs=True)
+    assert eng.graph_backend.replays == replays + 13  # the prompt's bucket + 12 decode steps
+    te, le = greedy(eng, emb, 12, graphs=False)
+    assert tg == te and torch.equal(lg, le)
