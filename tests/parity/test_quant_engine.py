@@ -185,8 +185,8 @@ def test_arbiter_int8_engine_drift_beside_the_bf16_engine(tiny_ckpt):
     from dreamllm_fast.checkpoint import load_tokenizer
     from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
     from dreamllm_fast.engine import EngineModel
-    from dreamllm_fast.engine.parity import arbiter, format_drifts
-    from dreamllm_fast.engine.testing import random_checkpoint
+    from dreamllm_fast.devtools.parity import arbiter, format_drifts
+    from dreamllm_fast.devtools.testing import random_checkpoint
     from dreamllm_fast.reference import ReferenceModel
 
     special = SpecialTokens.from_tokenizer(load_tokenizer(tiny_ckpt))
@@ -215,7 +215,7 @@ def test_int8_engine_graph_path_equals_its_eager_path(ckpt_dir):
     from dreamllm_fast.config import EngineConfig, SpecialTokens
     from dreamllm_fast.engine import EngineModel
     from dreamllm_fast.engine.graphs import StandInGraphs
-    from dreamllm_fast.engine.parity import greedy
+    from dreamllm_fast.devtools.parity import greedy
 
     ck = load_checkpoint(ckpt_dir)
     eng = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), "cpu", torch.float32,

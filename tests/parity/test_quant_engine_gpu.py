@@ -15,7 +15,7 @@ import torch
 
 from dreamllm_fast.checkpoint import load_tokenizer
 from dreamllm_fast.config import DreamLLMConfig, EngineConfig, SpecialTokens
-from dreamllm_fast.engine.parity import arbiter, format_drifts, greedy
+from dreamllm_fast.devtools.parity import arbiter, format_drifts, greedy
 
 HAS_CUDA = torch.cuda.is_available()
 FP8_OK = HAS_CUDA and torch.cuda.get_device_capability() >= (8, 9)
@@ -28,7 +28,7 @@ def test_7b_shapes_quantized_engine_vs_fp32_arbiter(fmt, tmp_path):
     if fmt == "fp8" and not FP8_OK:
         pytest.skip("fp8 needs compute capability >= 8.9")
     from dreamllm_fast.engine import EngineModel
-    from dreamllm_fast.engine.testing import random_checkpoint
+    from dreamllm_fast.devtools.testing import random_checkpoint
     from dreamllm_fast.reference import ReferenceModel
     from dreamllm_fast.tiny import make_tiny
 
