@@ -50,6 +50,19 @@ def test_module_commands_start_from_the_root(module):
     assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr[-3000:]
 
 
+def test_module_commands_start_from_elsewhere_with_the_checkout_on_pythonpath(tmp_path):
+    # PYTHONPATH puts the checkout before site-packages, as the root's own sys.path entry does
+    pytest.importorskip("kernels", reason="the dev extra installs the PyPI `kernels` distribution")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    for args in (["-m", "benchmarks.gpu_report", "--help"],
+                 ["-c", "import kernels, dreamllm_fast.kernels as K; "
+                        "assert 'site-packages' in kernels.__file__ and callable(K.rmsnorm)"]):
+        r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_reference_llm_calls_use_the_current_transformers_api(ref_pipe):
     from dreamllm_fast.reference.model import ReferenceSession
 
