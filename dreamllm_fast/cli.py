@@ -79,7 +79,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_checkpoint
+    from .convert import convert_checkpoint
 
     written = convert_checkpoint(args.src, args.dst, weights=args.weights)
     how = "" if args.weights == "bf16" else f"; LLM linears and LM head {args.weights} with per-channel scales"

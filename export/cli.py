@@ -55,10 +55,10 @@ def _load_modules(args, cfg, component: str):
         return CLIPVisionModel(cfg.vision.to_hf()).eval()
     if args.checkpoint:
         try:
-            from dreamllm_fast.checkpoint import load_unet_vae
+            from dreamllm_fast.modules import load_unet_vae
         except ImportError as e:
             raise SystemExit(f"error: cannot load checkpoints yet ({e}); "
-                             "dreamllm_fast.checkpoint.load_unet_vae is not available") from None
+                             "dreamllm_fast.modules.load_unet_vae is not available") from None
         unet, vae = load_unet_vae(args.checkpoint, dtype=dtype, device="cpu")
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel

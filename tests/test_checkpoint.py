@@ -7,7 +7,8 @@ import torch
 
 from dreamllm_fast.checkpoint import (DREAM_FILE, HEAD_FILE, LLM_FILE, VISION_FILE,
                                       clip_keys_to_installed, clip_keys_to_released,
-                                      convert_checkpoint, load_checkpoint, load_config)
+                                      load_checkpoint, load_config)
+from dreamllm_fast.convert import convert_checkpoint
 from dreamllm_fast.config import ADDED_TOKENS, DreamLLMConfig, SpecialTokens
 from dreamllm_fast.errors import CheckpointError
 

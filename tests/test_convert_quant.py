@@ -47,6 +47,6 @@ def test_mismatched_loads_and_double_conversion_are_refused(converted, tmp_path)
     with pytest.raises(InvalidInputError, match="int8-quantized"):
         DreamLLMPipeline.from_pretrained(converted["int8"], device="cpu", weights="bf16")
     with pytest.raises(CheckpointError, match="already quantized"):
-        from dreamllm_fast.checkpoint import convert_checkpoint
+        from dreamllm_fast.convert import convert_checkpoint
 
         convert_checkpoint(converted["int8"], tmp_path / "again", weights="fp8")

@@ -94,7 +94,8 @@ class DiffusionModels(EagerDiffusionHead):
     def __init__(self, preset, checkpoint, device, dtype):
         self.device, self.dtype = torch.device(device), dtype
         if checkpoint or resolve_preset(preset, None, self.device) == "tiny":
-            from ..checkpoint import load_config, load_unet_vae
+            from ..checkpoint import load_config
+            from ..modules import load_unet_vae
 
             d = Path(checkpoint) if checkpoint else _tiny_dir()
             # Q is read from the dream-query weights by load_checkpoint; the tiny preset's is known

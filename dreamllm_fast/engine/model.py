@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
-from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device
+from ..checkpoint import Checkpoint
+from ..modules import build_diffusion_modules, load_clip_on_device
 from ..config import EngineConfig, Precision, SpecialTokens
 from ..devices import fill_from_host
 from ..diffusion import EagerDiffusionHead

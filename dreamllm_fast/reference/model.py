@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..backend import DecodeBatchBase, OneByOnePasses
-from ..checkpoint import Checkpoint, build_diffusion_modules, load_clip_on_device, no_meta_left
+from ..checkpoint import Checkpoint
+from ..modules import build_diffusion_modules, load_clip_on_device, no_meta_left
 from ..config import SpecialTokens
 from ..diffusion import EagerDiffusionHead
 from ..errors import InvalidInputError

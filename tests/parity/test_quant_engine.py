@@ -220,7 +220,8 @@ def test_int8_engine_graph_path_equals_its_eager_path(ckpt_dir):
     ck = load_checkpoint(ckpt_dir)
     eng = EngineModel(ck, SpecialTokens.from_tokenizer(ck.tokenizer()), "cpu", torch.float32,
                       graph_backend=StandInGraphs(),
-                      engine_config=EngineConfig(precision="fp32", prefill_buckets=(32, 64), weights="int8"))
+                      engine_config=EngineConfig(precision="fp32", prefill_buckets=(32, 64), weights="int8",
+                                                 capture_logits_graphs=True))
     emb = eng.embed_tokens(list(range(3, 50)))
     replays = eng.graph_backend.replays
     tg, lg = greedy(eng, emb, 12, graphs=True)
