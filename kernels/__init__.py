@@ -11,6 +11,7 @@ Public ops, dispatched on the device of their first tensor argument:
     silu_and_mul(gate_up, out=None) -> out
     rope_cos_sin(max_pos, head_dim, theta=10000.0, device=None) -> (cos, sin)
     exponential_sample(probs, seeds, positions, out=None, noise_out=None) -> ids
+    group_norm(x, weight, bias, num_groups, eps, silu=False, out=None) -> out
 
 CUDA tensors run the Triton launcher (``<op>.py``, imported lazily on first use); anything else runs
 the torch oracle in ``reference.py`` (the CPU fallback). ``DREAMLLM_KERNELS=triton`` forces Triton
@@ -53,6 +54,7 @@ else:
     from .dispatch import (__all__, append_attention, backend, decode_attention,  # noqa: F401
                            dream_projection, exponential_sample, rmsnorm, rope_cos_sin, set_backend,
                            silu_and_mul)
+    from .dispatch import group_norm  # noqa: F401
 
     _PUBLIC = {name: globals()[name] for name in __all__}
 
