@@ -30,9 +30,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=("reference", "engine"),
                    help="model backend (default: engine on CUDA, reference on CPU)")
     p.add_argument("--unet-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt", "graphs"))
     p.add_argument("--vae-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt", "graphs"))
 
 
 def _add_image_args(p: argparse.ArgumentParser, steps: int = 50) -> None:

@@ -513,7 +513,7 @@ class BatchedScheduler(WorkerScheduler):
         t0 = time.perf_counter()
         for group in groups.values():
             try:
-                denoise_step(self._pipe.unet, [job for _, job in group])
+                denoise_step(self._pipe.unet, [job for _, job in group], self._pipe.stepper)
             except Exception as e:  # noqa: BLE001 - a shared U-Net call: its images' requests fail
                 for c, _ in group:
                     self._fail(c.req, e)
