@@ -47,14 +47,31 @@ def default_graph_backend(device: torch.device):
 
 def prepare_module(module: nn.Module, dtype: torch.dtype, fuse_norms: bool = True) -> nn.Module:
     """A copy of a diffusers U-Net / VAE for graph capture (see the module docstring)."""
-    m = copy.deepcopy(module).to(dtype).eval()
+    m = copy.deepcopy(module).eval()
+    _convert(m, dtype)
     if hasattr(m, "set_attn_processor"):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         m.set_attn_processor(AttnProcessor2_0())
     if fuse_norms:
         swap_group_norms(m)
-    return m.to(memory_format=torch.channels_last)
+    return m
+
+
+def _convert(module: nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype).to(memory_format=channels_last)` by assignment: floating parameters and
+    buffers in `dtype`, 4-D ones channels-last. (`Module.to` cannot swap the parameters of a
+    module on fake CUDA tensors, export/check_graphs.py; assignment can.)"""
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                new = t.to(dtype) if t.is_floating_point() else t
+                if new.dim() == 4:
+                    new = new.contiguous(memory_format=torch.channels_last)
+                if new is not t:
+                    table[name] = nn.Parameter(new, requires_grad=False) if table is m._parameters else new
 
 
 def bucket_sizes(max_rows: int) -> list[int]:
@@ -159,6 +176,13 @@ def ddpm_table(scheduler) -> torch.Tensor:
     """[steps, 6] fp32: per step of `scheduler` (DDPMScheduler after set_timesteps) the timestep
     and the coefficients of its `step` (epsilon prediction, fixed_small variance), computed from
     the scheduler's own alphas_cumprod and previous_timestep as DDPMScheduler.step does."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # host arithmetic on the scheduler's CPU tables, fake run or not
+        return _ddpm_rows(scheduler)
+
+
+def _ddpm_rows(scheduler) -> torch.Tensor:
     rows = []
     for t in [int(x) for x in scheduler.timesteps.tolist()]:
         prev_t = int(scheduler.previous_timestep(t))
@@ -177,7 +201,8 @@ def ddpm_table(scheduler) -> torch.Tensor:
 class _StepSet:
     """Static buffers of the whole step for one latent and context shape, `cap` image slots."""
 
-    def __init__(self, cap: int, latent_shape, ctx_shape, steps_max: int, dtype, device):
+    def __init__(self, cap: int, latent_shape, ctx_shape, steps_max: int, dtype, device,
+                 make_generator: Callable):
         d = dict(device=device)
         self.lat = torch.zeros((cap,) + tuple(latent_shape), dtype=dtype, **d)
         self.ctx_u = torch.zeros((cap,) + tuple(ctx_shape), dtype=dtype, **d)
@@ -187,7 +212,7 @@ class _StepSet:
         self.table = torch.zeros(cap, steps_max, _COLS, dtype=torch.float32, **d)
         self.table[:, :, 2] = 1.0  # padding slots: sqrt(abar) = 1, every other coefficient 0
         self.arange = torch.arange(cap, **d)
-        self.gens = [torch.Generator(device=device) for _ in range(cap)]
+        self.gens = [make_generator(device) for _ in range(cap)]
         self.graphs: dict = {}  # bucket -> (graph, output)
 
 
@@ -198,8 +223,13 @@ class GraphDenoiser:
     each job one step exactly like `diffusion.denoise_step` (each image's own noise stream).
     """
 
-    def __init__(self, unet: nn.Module, backend, *, dtype, device, max_images: int = 8):
+    def __init__(self, unet: nn.Module, backend, *, dtype, device, max_images: int = 8,
+                 make_generator: Optional[Callable] = None):
+        """make_generator(device) -> a slot's generator (default torch.Generator(device)); the
+        fake-CUDA check passes one returning None (no driver, no CUDA generator): the slots then
+        draw from the global RNG and no state is copied."""
         self.unet, self.backend = unet, backend
+        self.make_generator = make_generator or (lambda d: torch.Generator(device=d))
         self.dtype, self.device = dtype, torch.device(device)
         self.sizes = bucket_sizes(max_images)
         self.max_images = max_images
@@ -245,7 +275,8 @@ class GraphDenoiser:
         key = (tuple(job.latents.shape[1:]), tuple(job.context.shape[1:]))
         if key not in self.sets:
             self.sets[key] = _StepSet(self.sizes[-1], key[0], key[1],
-                                      job.scheduler.config.num_train_timesteps, self.dtype, self.device)
+                                      job.scheduler.config.num_train_timesteps, self.dtype, self.device,
+                                      self.make_generator)
         return key, self.sets[key]
 
     def _step_fn(self, S: _StepSet, b: int):
@@ -253,7 +284,9 @@ class GraphDenoiser:
 
         def step():
             x = S.lat[:b]
-            coef = S.table[S.arange[:b], S.idx[:b]]  # [b, 6]: each image at its own step
+            # [b, 6]: each image at its own step (index_select: advanced indexing is flagged
+            # data-dependent by the fake-CUDA check, export/check_graphs.py)
+            coef = S.table.view(-1, _COLS).index_select(0, S.arange[:b] * S.table.shape[1] + S.idx[:b])
             t = coef[:, 0]
             sample = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)
             ctx = torch.cat([S.ctx_u[:b], S.ctx_c[:b]])
@@ -274,17 +307,17 @@ class GraphDenoiser:
 
     def _capture(self, S: _StepSet, b: int) -> None:
         """Warm-up and capture leave the slots as they found them (latents, indices, generators)."""
-        saved = (S.lat.clone(), S.idx.clone(), [g.get_state() for g in S.gens])
+        saved = (S.lat.clone(), S.idx.clone(), [g.get_state() for g in S.gens if g is not None])
         fn = self._step_fn(S, b)
         self.backend.warmup(fn)
         S.lat.copy_(saved[0])
         S.idx.copy_(saved[1])
-        for g, st in zip(S.gens, saved[2]):
+        for g, st in zip([g for g in S.gens if g is not None], saved[2]):
             g.set_state(st)
-        S.graphs[b] = self.backend.capture(fn, generators=S.gens[:b])
+        S.graphs[b] = self.backend.capture(fn, generators=[g for g in S.gens[:b] if g is not None])
         S.lat.copy_(saved[0])
         S.idx.copy_(saved[1])
-        for g, st in zip(S.gens, saved[2]):
+        for g, st in zip([g for g in S.gens if g is not None], saved[2]):
             g.set_state(st)
 
     def _flush(self) -> None:
@@ -297,7 +330,7 @@ class GraphDenoiser:
             if j.latents is not v:  # stepped elsewhere since: its own state is newer
                 continue
             j.latents = S.lat[r:r + 1].clone()
-            if j.generator is not None:
+            if j.generator is not None and S.gens[r] is not None:
                 j.generator.set_state(S.gens[r].get_state())
         self._resident = None
 
@@ -312,6 +345,8 @@ class GraphDenoiser:
             S.table[r, :table.shape[0]].copy_(table)
             S.idx[r].fill_(j.index)
             gen = j.generator
+            if S.gens[r] is None:
+                continue
             if gen is None:  # eager draws from the global RNG: seed the slot from it
                 gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, ())))
             S.gens[r].set_state(gen.get_state())
