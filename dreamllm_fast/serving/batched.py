@@ -508,8 +508,10 @@ class BatchedScheduler(WorkerScheduler):
             return
         active = self._images[:self.max_images]
         groups: dict = {}
+        whole_step = self._pipe.stepper is not None  # its captured step takes one sampler (DDPM)
         for c, job in active:
-            groups.setdefault((tuple(job.latents.shape), job.latents.dtype), []).append((c, job))
+            key = (tuple(job.latents.shape), job.latents.dtype) + ((job.sampler,) if whole_step else ())
+            groups.setdefault(key, []).append((c, job))
         t0 = time.perf_counter()
         for group in groups.values():
             try:
