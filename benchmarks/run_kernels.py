@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.harness import REPO, env_info, gpu_dirname
 
 BENCHES = ["bench_launch_overhead", "bench_norms", "bench_dream_projection", "bench_decode_attention",
-           "bench_attention"]
+           "bench_attention", "bench_group_norm"]
 
 
 def main(argv=None):

@@ -30,9 +30,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=("reference", "engine"),
                    help="model backend (default: engine on CUDA, reference on CPU)")
     p.add_argument("--unet-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt", "graphs"))
     p.add_argument("--vae-backend", default="eager",
-                   choices=("eager", "compiled", "onnxruntime", "tensorrt"))
+                   choices=("eager", "compiled", "onnxruntime", "tensorrt", "graphs"))
     p.add_argument("--weights", default=None, choices=("bf16", "int8", "fp8"),
                    help="LLaMA linears and LM head: bf16 (unquantized), int8 or fp8 weight-only with "
                         "per-channel scales (engine backend; fp8 needs compute capability >= 8.9); "

@@ -170,8 +170,12 @@ class DiffusionJob:
 
 
 @torch.no_grad()
-def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
+def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob], stepper=None) -> None:
     """One U-Net call for every job (same latent shape and dtype), then each job's sampler step.
+
+    stepper: a whole-step runner (export/graphs_backend.py `GraphDenoiser`: `reason(jobs)` None
+    when it takes these jobs, `step(jobs)`, `release()`), or None. Jobs it does not take run the
+    path below, after it has handed back any state it held for them.
 
     Rows are laid out job after job, each as [uncond; cond] (or cond alone), with each job's own
     timestep per row; when all jobs sit at the same timestep it is passed as one scalar, exactly
@@ -179,6 +183,11 @@ def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
     """
     if not jobs:
         return
+    if stepper is not None:
+        if stepper.reason(jobs) is None:
+            stepper.step(jobs)
+            return
+        stepper.release()
     ins = [j.model_input() for j in jobs]
     if len({j.host_timesteps[j.index] for j in jobs}) == 1:
         t = jobs[0].timesteps[jobs[0].index]
@@ -195,8 +204,10 @@ def denoise_step(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> None:
         j.apply(e)
 
 
-def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> list[tuple[int, Exception]]:
-    """`denoise_step` over `jobs`, where a Python-level error is pinned on the jobs that cause it.
+def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob],
+                          stepper=None) -> list[tuple[int, Exception]]:
+    """`denoise_step` over `jobs` (and `stepper`), where a Python-level error is pinned on the jobs
+    that cause it.
 
     Returns (index in `jobs`, exception) of the jobs that failed; every other job took its step.
     When the shared call raises, each job that has not stepped yet is retried alone (the same
@@ -209,7 +220,7 @@ def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> list[tu
 
     before = [j.index for j in jobs]
     try:
-        denoise_step(unet, jobs)
+        denoise_step(unet, jobs, stepper)
         return []
     except Exception as e:  # noqa: BLE001 - sorted out below
         error = e
@@ -219,7 +230,7 @@ def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> list[tu
     failed = []
     for i in pending:
         try:
-            denoise_step(unet, [jobs[i]])
+            denoise_step(unet, [jobs[i]], stepper)
         except Exception as e:  # noqa: BLE001 - this job's own step fails
             if device_failed(e):
                 return [(k, e) for k in pending if jobs[k].index == before[k]]
@@ -230,13 +241,15 @@ def denoise_step_isolated(unet: UNetFn, jobs: Sequence[DiffusionJob]) -> list[tu
 @torch.no_grad()
 def denoise(unet: UNetFn, scheduler, cond: torch.Tensor, uncond: Optional[torch.Tensor],
             guidance_scale: float, num_inference_steps: int, latents: torch.Tensor,
-            generator: Optional[torch.Generator] = None, progress: bool = False) -> torch.Tensor:
-    """cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise) -> final latents."""
+            generator: Optional[torch.Generator] = None, progress: bool = False,
+            stepper=None) -> torch.Tensor:
+    """cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise) -> final latents.
+    stepper: see `denoise_step`."""
     from tqdm.auto import tqdm
 
     job = DiffusionJob(scheduler, cond, uncond, guidance_scale, num_inference_steps, latents, generator)
     for _ in tqdm(range(len(job.timesteps)), disable=not progress, desc="denoise", leave=False):
-        denoise_step(unet, [job])
+        denoise_step(unet, [job], stepper)
     return job.latents
 
 

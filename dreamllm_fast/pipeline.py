@@ -65,6 +65,7 @@ class DreamLLMPipeline:
         # Diffusion backends (eager module calls by default; export backends may replace them).
         self.unet = model.unet_eps
         self.vae_decode = model.vae_decode
+        self.stepper = None  # the "graphs" U-Net backend's whole-step runner (diffusion.denoise_step)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -130,13 +131,16 @@ class DreamLLMPipeline:
         return pipe
 
     def set_diffusion_backends(self, unet: str = "eager", vae: str = "eager", **opts) -> None:
-        """Choose how the U-Net and VAE run: "eager" | "compiled" | "onnxruntime" | "tensorrt"."""
+        """Choose how the U-Net and VAE run: "eager" | "compiled" | "onnxruntime" | "tensorrt" |
+        "graphs" (captured modules; its U-Net also captures the whole denoising step)."""
+        self.stepper = None
         if unet == "eager":
             self.unet = self.model.unet_eps
         else:
             from .export.backends import make_unet_backend
 
             self.unet = make_unet_backend(self.model.unet, unet, precision=self.model.dtype, **opts)
+            self.stepper = self.unet.step_runner
         if vae == "eager":
             self.vae_decode = self.model.vae_decode
         else:
@@ -337,7 +341,8 @@ class DreamLLMPipeline:
                                   generator, latents)
             lat = denoise(self.unet, make_scheduler(d.scheduler, sampler), cond, uncond,
                           guidance_scale, steps, lat, generator,
-                          progress=self.progress if progress is None else progress)
+                          progress=self.progress if progress is None else progress,
+                          stepper=self.stepper)
         with self._step("decode_latents"):
             return decode_latents(self.vae_decode, lat, d.vae_scaling_factor)
 

@@ -7,7 +7,9 @@
 
 Kinds: "eager" (the diffusers module), "compiled" (compiled.py), "onnxruntime" (ONNX export in a
 keyed cache dir, CPU or CUDA execution provider; the CPU-verifiable path), "tensorrt"
-(tensorrt.py). When a kind cannot run here (TensorRT missing, no CUDA for "compiled",
+(tensorrt.py), "graphs" (graphs_backend.py: fp16 channels-last modules with the fused GroupNorm,
+captured in the engine's graph runner; on the CPU its stand-in re-runs each capture; the U-Net
+backend's `.step_runner` captures the whole denoising step). When a kind cannot run here (TensorRT missing, no CUDA for "compiled",
 onnxruntime missing, a failed build) the factory logs a warning naming the reason and returns an
 eager backend; `.name` is the kind actually used and `.fallback_reason` says why. Pass
 `strict=True` to raise instead. The eager module stays reachable as `.eager` for stage-by-stage
@@ -18,7 +20,9 @@ sample / profile pixels), num_queries (U-Net profile Q when no cfg; default 64),
 ((min, opt, max) images of the TensorRT profile; default (1, 1, 2)), provider ("cpu" | "cuda" for
 onnxruntime), opset, dynamo, compile ("torch_compile" | "aoti"), compile_mode (an Inductor
 mode; default "default"), autotune (Inductor max-autotune; default False: it cost minutes per
-shape at SD-2.1 size on the H100), cuda_graph, strongly_typed, optimization_level, strict.
+shape at SD-2.1 size on the H100), cuda_graph, strongly_typed, optimization_level, strict;
+"graphs" only: max_images (largest captured image batch; default 8), graph_backend (an engine
+graph backend; default CudaGraphs on CUDA, StandInGraphs elsewhere), fuse_norms (default True).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from .components import (ComponentSpec, default_resolutions, get_spec, unet_spec
 
 log = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("eager", "compiled", "onnxruntime", "tensorrt")
+BACKEND_KINDS = ("eager", "compiled", "onnxruntime", "tensorrt", "graphs")
 
 
 class BackendUnavailable(RuntimeError):
@@ -71,6 +75,8 @@ class _Backend:
         self.module = module  # the caller's diffusers module, for a torch-fallback twin
         self.requested = requested
         self.fallback_reason = fallback_reason
+        # kind "graphs" (U-Net): the whole captured denoising step (graphs_backend.GraphDenoiser)
+        self.step_runner = getattr(runner, "denoiser", None) if name == "graphs" else None
 
     @property
     def max_rows(self) -> Optional[int]:
@@ -332,6 +338,13 @@ def _build_runner(kind, module, torch_module, spec, *, precision, cache_dir, res
                            use_cuda_graph=opts.get("cuda_graph", True),
                            opset=opts.get("opset", 17))
         return r, torch.device("cuda")
+    if kind == "graphs":
+        from .graphs_backend import GraphUNetRunner, GraphVAERunner
+
+        cls = GraphUNetRunner if spec.name == "unet" else GraphVAERunner
+        return cls(module, dtype=_as_dtype(precision), device=device,
+                   max_images=opts.get("max_images", 8), backend=opts.get("graph_backend"),
+                   fuse_norms=opts.get("fuse_norms", True)), device
     raise ValueError(kind)
 
 

@@ -12,6 +12,7 @@ Public ops, dispatched on the device of their first tensor argument:
     rope_cos_sin(max_pos, head_dim, theta=10000.0, device=None) -> (cos, sin)
     exponential_sample(probs, seeds, positions, out=None, noise_out=None) -> ids
     quant_linear(x, qweight, scale, out=None, split_k=None) -> out   (int8/fp8 weight-only linear)
+    group_norm(x, weight, bias, num_groups, eps, silu=False, out=None) -> out
 
 CUDA tensors run the Triton launcher (``<op>.py``, imported lazily on first use); anything else runs
 the torch oracle in ``reference.py`` (the CPU fallback). ``DREAMLLM_KERNELS=triton`` forces Triton
@@ -55,6 +56,7 @@ else:
                            dream_projection, exponential_sample, rmsnorm, rope_cos_sin, set_backend,
                            silu_and_mul)
     from .dispatch import quant_linear  # noqa: F401
+    from .dispatch import group_norm  # noqa: F401
 
     _PUBLIC = {name: globals()[name] for name in __all__}
 

@@ -14,7 +14,8 @@ from ._utils import is_tracing as _is_tracing
 from .reference import rope_cos_sin_ref as rope_cos_sin
 
 __all__ = ["append_attention", "decode_attention", "dream_projection", "rmsnorm", "silu_and_mul",
-           "rope_cos_sin", "set_backend", "backend", "exponential_sample", "quant_linear"]
+           "rope_cos_sin", "set_backend", "backend", "exponential_sample", "quant_linear",
+           "group_norm"]
 
 _BACKENDS = ("auto", "triton", "ref")
 _backend = ["auto"]  # one cell, read by every call: os.environ.get measured 2 us per call here
@@ -120,8 +121,16 @@ def quant_linear(x, qweight, scale, out=None, split_k=None):
     return _ref.quant_linear_ref(x, qweight, scale, out=out, split_k=split_k)
 
 
+def group_norm(x, weight, bias, num_groups, eps, silu=False, out=None):
+    if _use_triton(x):
+        return _on_device(x, _launcher("group_norm"), x, weight, bias, num_groups, eps, silu=silu,
+                          out=out)
+    return _ref.group_norm_ref(x, weight, bias, num_groups, eps, silu=silu, out=out)
+
+
 for _f, _r in ((append_attention, _ref.append_attention_ref), (decode_attention, _ref.decode_attention_ref),
                (dream_projection, _ref.dream_projection_ref), (rmsnorm, _ref.rmsnorm_ref),
                (silu_and_mul, _ref.silu_and_mul_ref), (exponential_sample, _ref.exponential_sample_ref),
-               (quant_linear, _ref.quant_linear_ref)):
+               (quant_linear, _ref.quant_linear_ref),
+               (group_norm, _ref.group_norm_ref)):
     _f.__doc__ = (_r.__doc__ or "") + "\n    Dispatch: Triton launcher for CUDA tensors, this oracle otherwise."

@@ -31,6 +31,7 @@ __all__ = [
     "exponential_noise_ref",
     "exponential_sample_ref",
     "quant_linear_ref",
+    "group_norm_ref",
 ]
 
 
@@ -270,6 +271,22 @@ def quant_linear_ref(x, qweight, scale, out=None, split_k=None):
     """
     cdt = _compute_dtype(x.dtype)
     y = (torch.matmul(x.to(cdt), qweight.to(cdt).t()) * scale.to(cdt)).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def group_norm_ref(x, weight, bias, num_groups: int, eps: float, silu: bool = False, out=None):
+    """torch.nn.GroupNorm (optionally followed by SiLU) as diffusers' U-Net and VAE run it.
+
+    x: [N, C, *spatial] (any memory layout); weight, bias: [C]; C divisible by num_groups.
+    Computed in x's dtype by torch's own kernels (GroupNorm rounds to x's dtype, then SiLU does):
+    the low-precision twin of the tests and the CPU fallback; float64 inputs give the oracle.
+    """
+    y = torch.nn.functional.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)
+    if silu:
+        y = torch.nn.functional.silu(y)
     if out is None:
         return y
     out.copy_(y)

@@ -161,6 +161,27 @@ def _engine_sites(site, dtype, configs, weights="bf16"):
         K.dream_projection(meta(T, H), meta(N, dt=torch.int64), meta(H), meta(C, H), lc.rms_norm_eps)
 
 
+# GroupNorm(+SiLU) of the SD-2.1 U-Net (batch 2 and 8) and VAE at 512x512: (N, C, side, silu);
+# one per distinct channels-per-group tile (C/32 -> 16, 32, 64, 128 in the U-Net, 4, 8, 16 in the
+# VAE), with and without the SiLU, plus the server's batch 8 (more groups: fewer splits).
+GROUP_NORM_SITES = ((2, 320, 64, True), (2, 320, 64, False), (2, 640, 32, True), (2, 1280, 16, True),
+                    (2, 2560, 8, True), (8, 320, 64, True), (1, 512, 64, False), (1, 256, 256, True),
+                    (1, 128, 512, True))
+
+
+def _diffusion_sites(site, dtype):
+    """The graphs backend's fused GroupNorm(+SiLU) calls (channels-last: that backend's layout)."""
+    import torch
+
+    from .. import kernels as K
+
+    for n, c, side, silu in GROUP_NORM_SITES:
+        site["name"] = f"group_norm {n}x{c}x{side}x{side}{' silu' if silu else ''}"
+        x = torch.empty(n, c, side, side, dtype=dtype, device="meta").to(memory_format=torch.channels_last)
+        K.group_norm(x, torch.empty(c, dtype=dtype, device="meta"), torch.empty(c, dtype=dtype, device="meta"),
+                     32, 1e-5, silu=silu)
+
+
 def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
     """Distinct launches of the engine's call sites (plus ``launches()`` of each extra module).
 
@@ -178,7 +199,7 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
     assert not _utils.is_interpret(), "compile checks need TRITON_INTERPRET unset (they compile real PTX)"
     mods = [importlib.import_module(f"{__package__}.{m}")
             for m in ("rmsnorm", "swiglu", "append_attention", "decode_attention", "dream_projection",
-                      "sampling", "quant_linear")]
+                      "sampling", "quant_linear", "group_norm")]
     extra_mods = [_load_file(p) for p in extra]
     _utils.set_standin_sm_count(ARCHS[arch]["sms"])
     prev = K.backend()
@@ -195,6 +216,7 @@ def record(arch: int, dtypes=("bf16", "fp16"), extra=(), sweep="all"):
                 _engine_sites(site, getattr(torch, _DTYPES[name]), configs)
                 for fmt in QUANT_WEIGHTS[arch] if i == 0 else ():  # the weight-only engines, first
                     _engine_sites(site, getattr(torch, _DTYPES[name]), configs[:1], weights=fmt)  # dtype (CI time)
+                _diffusion_sites(site, getattr(torch, _DTYPES[name]))
             for m in extra_mods:
                 site["name"] = f"extra {Path(m.__file__).name}"
                 m.launches()

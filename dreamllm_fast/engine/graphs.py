@@ -52,10 +52,14 @@ class CudaGraphs:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         torch.cuda.synchronize(self.device)
 
-    def capture(self, fn: Step):
-        """Returns (graph, outputs of the captured run). Outputs live in the shared pool."""
+    def capture(self, fn: Step, generators=()):
+        """Returns (graph, outputs of the captured run). Outputs live in the shared pool.
+        generators: CUDA generators the step draws from (registered with the graph, so each
+        replay draws from their state at replay time and advances them)."""
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
+        for gen in generators:
+            g.register_generator_state(gen)
         with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
             out = fn()
         if self.pool is None:
@@ -113,7 +117,7 @@ class StandInGraphs:
         for _ in range(runs if self.warmup_runs is None else self.warmup_runs):
             fn()
 
-    def capture(self, fn: Step):
+    def capture(self, fn: Step, generators=()):
         t0 = time.perf_counter()
         if self.memory is not None:
             base = self.memory.live

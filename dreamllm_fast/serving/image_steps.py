@@ -60,12 +60,15 @@ class ImageSteps:
             return
         active = self._images[:self.max_images]
         groups: dict = {}
+        whole_step = self._pipe.stepper is not None  # its captured step takes one sampler (DDPM)
         for c, job in active:
-            groups.setdefault((tuple(job.latents.shape), job.latents.dtype), []).append((c, job))
+            key = (tuple(job.latents.shape), job.latents.dtype) + ((job.sampler,) if whole_step else ())
+            groups.setdefault(key, []).append((c, job))
         t0 = time.perf_counter()
         for group in groups.values():
             # a Python-level error fails only the images that cause it (each retried alone)
-            for i, e in denoise_step_isolated(self._pipe.unet, [job for _, job in group]):
+            for i, e in denoise_step_isolated(self._pipe.unet, [job for _, job in group],
+                                              self._pipe.stepper):
                 self._fail(group[i][0].req, e)
         self._stage("diffuse", t0)
         if self.observer is not None:

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 PLANTED = Path(__file__).with_name("planted_kernels.py")
 KERNELS = {"_rmsnorm_kernel", "_silu_and_mul_kernel", "_rope_cache_write_kernel", "_append_attention_kernel",
            "_decode_mma_kernel", "_decode_simt_kernel", "_decode_reduce_kernel", "_dream_projection_kernel",
-           "_exponential_sample_kernel"}
+           "_exponential_sample_kernel", "_group_norm_stats_kernel", "_group_norm_apply_kernel"}
 QUANT_KERNELS = {"_quant_linear_kernel", "_quant_splitk_reduce_kernel"}  # the int8/fp8 engines' (first dtype)
 
 
@@ -56,7 +56,7 @@ def test_every_kernel_compiles_clean_for_sm90_and_sm80(rows):
             got = {r["kernel"] for r in triton_rows if r["arch"] == arch and r["dtype"] in (dtype, "float32")}
             assert got >= KERNELS - {"_decode_simt_kernel"}, f"{arch} {dtype}: missing {KERNELS - got}"
     sites = {r["site"].split(" ")[0] for r in triton_rows}
-    assert {"prefill", "decode", "dream_projection"} <= sites  # condition-pair launches dedupe into prefill ones
+    assert {"prefill", "decode", "dream_projection", "group_norm"} <= sites  # condition-pair launches dedupe into prefill ones
     for r in engine:  # the numbers the check is about were really read
         assert r["regs"] > 0 and r["smem"] <= r["smem_limit"] and r["spill_stores"] == 0
 
