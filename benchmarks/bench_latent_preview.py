@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         e = _median_s(lambda: Preview(latent_preview(lat)).png_data_url(), 100, sync)
         print(f"latent 4x{hw}x{hw}: map {m * 1e6:8.1f} us (worker)   map+png {e * 1e6:8.1f} us")
 
-    from dreamllm_fast.diffusion import DiffusionJob, denoise_step, make_scheduler
+    from dreamllm_fast.diffusion import DiffusionJob, denoise_step, make_noise_scheduler
     from dreamllm_fast.pipeline import DreamLLMPipeline
     from dreamllm_fast.tiny import make_tiny
 
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                                             dtype="fp32", backend="reference", progress=False)
     cond = pipe.uncond_condition(None)
     shape = (1,) + tuple(pipe.latent_shape())
-    job = DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler), cond[None], cond[None], 7.5,
+    job = DiffusionJob(make_noise_scheduler(pipe.config.diffusion.scheduler), cond[None], cond[None], 7.5,
                        500, torch.randn(shape, device=dev))
     step = _median_s(lambda: denoise_step(pipe.unet, [job]), 50, sync)
     lat = torch.randn(shape, device=dev)

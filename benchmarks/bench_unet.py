@@ -63,14 +63,14 @@ def denoise(cfg, unet_b, vae_b, steps, guidance=7.5, seed=0, sampler="ddpm", dev
     """The pipeline's diffusion stage (dreamllm_fast/diffusion.py, the loop the pipeline runs):
     CFG over [uncond; cond], `steps` steps of `sampler` (through the backend's whole-step graph
     when it has one), VAE decode."""
-    from dreamllm_fast.diffusion import decode_latents, denoise as loop, make_scheduler
+    from dreamllm_fast.diffusion import decode_latents, denoise as loop, make_noise_scheduler
 
     g = torch.Generator(device).manual_seed(seed)
     q, c = cfg.num_dream_queries, cfg.diffusion.cross_attention_dim
     cond = torch.randn(1, q, c, device=device, dtype=dtype, generator=g)
     lat = cfg.diffusion.default_resolution // cfg.diffusion.vae_scale_factor
     x = torch.randn(1, 4, lat, lat, device=device, dtype=dtype, generator=g)
-    x = loop(unet_b, make_scheduler(cfg.diffusion.scheduler, sampler), cond,
+    x = loop(unet_b, make_noise_scheduler(cfg.diffusion.scheduler, sampler), cond,
              torch.zeros_like(cond), guidance, steps, x, g, stepper=unet_b.step_runner)
     return decode_latents(vae_b, x, cfg.diffusion.vae_scaling_factor)
 

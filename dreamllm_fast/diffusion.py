@@ -41,7 +41,7 @@ def check_sampler(sampler) -> str:
     return sampler
 
 
-def make_scheduler(scheduler_config: dict, sampler: str = DEFAULT_SAMPLER):
+def make_noise_scheduler(scheduler_config: dict, sampler: str = DEFAULT_SAMPLER):
     """A fresh diffusers scheduler of `sampler` configured from the model's scheduler config.
 
     from_config drops the keys a class does not know (SD-2.1's config is a PNDM one), as
@@ -57,7 +57,7 @@ def make_scheduler(scheduler_config: dict, sampler: str = DEFAULT_SAMPLER):
 
 
 def sampler_of(scheduler) -> str:
-    """The `SAMPLERS` name of a scheduler built by `make_scheduler`."""
+    """The `SAMPLERS` name of a scheduler built by `make_noise_scheduler`."""
     name = type(scheduler).__name__
     return {"DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
             "UniPCMultistepScheduler": "unipc"}.get(name, name)
@@ -70,7 +70,7 @@ def _takes_generator(scheduler) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _max_steps(config_json: str) -> int:
-    sched = make_scheduler(json.loads(config_json))
+    sched = make_noise_scheduler(json.loads(config_json))
     T = int(sched.config.num_train_timesteps)
     for n in range(1, T + 1):
         sched.set_timesteps(n)
@@ -120,7 +120,7 @@ class DiffusionJob:
     """One image's sampler + CFG state, advanced one step at a time, alone or beside other jobs.
 
     cond/uncond: [B, Q, C]; latents: [B, c, h, w] (initial noise); `scheduler`: this job's own
-    scheduler instance from `make_scheduler` (its timesteps follow its own step count; a multistep
+    scheduler instance from `make_noise_scheduler` (its timesteps follow its own step count; a multistep
     sampler's history of model outputs lives in it, so it must not be shared between jobs). Every job keeps its own guidance
     scale and generator, so a server can batch the U-Net calls of images at different steps,
     with different settings and seeds (`denoise_step`), and each image equals its solo run.

@@ -26,7 +26,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import EngineConfig, Precision, SpecialTokens, WeightFormat
 from .diffusion import (DEFAULT_SAMPLER, check_diffusion_args, check_sampler, decode_latents,
-                        denoise, make_scheduler, max_inference_steps, prepare_latents, to_pil)
+                        denoise, make_noise_scheduler, max_inference_steps, prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
 from .prompt import Prompt, PromptBuilder
@@ -339,7 +339,7 @@ class DreamLLMPipeline:
         with self._step("diffuse"):
             lat = prepare_latents((cond.shape[0],) + tuple(shape), cond.dtype, self.model.device,
                                   generator, latents)
-            lat = denoise(self.unet, make_scheduler(d.scheduler, sampler), cond, uncond,
+            lat = denoise(self.unet, make_noise_scheduler(d.scheduler, sampler), cond, uncond,
                           guidance_scale, steps, lat, generator,
                           progress=self.progress if progress is None else progress,
                           stepper=self.stepper)

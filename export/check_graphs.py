@@ -29,7 +29,7 @@ def run(images=(1, 2)) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from dreamllm_fast.config import DreamLLMConfig
-    from dreamllm_fast.diffusion import DiffusionJob, make_scheduler
+    from dreamllm_fast.diffusion import DiffusionJob, make_noise_scheduler
     from dreamllm_fast.engine.fake_cuda import LiveBytes, NoHostSync, NoLaunch, patched
     from dreamllm_fast.engine.graphs import StandInGraphs
     from dreamllm_fast.kernels import _utils
@@ -78,7 +78,7 @@ def run(images=(1, 2)) -> dict:
                 # a job's host part (scheduler, timesteps) is real; its device tensors are fake
                 with unset_fake_temporarily():
                     small = torch.zeros(1, 1)
-                    job = DiffusionJob(make_scheduler(d.scheduler), small, small, 7.5, 50, small, None)
+                    job = DiffusionJob(make_noise_scheduler(d.scheduler), small, small, 7.5, 50, small, None)
                 job.latents = torch.empty(1, 4, side, side, device=dev, dtype=fp16)
                 job.context = torch.empty(2, q, c, device=dev, dtype=fp16)
                 jobs.append(job)

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..diffusion import decode_latents, denoise, make_scheduler
+from ..diffusion import decode_latents, denoise, make_noise_scheduler
 from . import GRAPH_STAGES, LLM_STAGES, QUANT_STAGES, STAGES  # noqa: F401 (re-exported)
 from .harness import bench_fn, ceilings
 
@@ -318,7 +318,7 @@ def _t2i(m, steps: int, prompt_len: int = 16):
     lat = d.default_resolution // d.vae_scale_factor
     g = torch.Generator(m.device).manual_seed(0)
     x = torch.randn(1, d.latent_channels, lat, lat, generator=g, device=m.device, dtype=m.dtype)
-    x = denoise(m.unet_eps, make_scheduler(d.scheduler), cond[None], cond[None], 7.5, steps, x, g)
+    x = denoise(m.unet_eps, make_noise_scheduler(d.scheduler), cond[None], cond[None], 7.5, steps, x, g)
     return decode_latents(m.vae_decode, x, d.vae_scaling_factor)
 
 

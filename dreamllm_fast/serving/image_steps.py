@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..diffusion import (DiffusionJob, decode_latents, denoise_step_isolated, make_scheduler,
+from ..diffusion import (DiffusionJob, decode_latents, denoise_step_isolated, make_noise_scheduler,
                          prepare_latents, to_pil)
 from .progress import progress_event
 from .scheduler import ImageResult
@@ -47,7 +47,7 @@ class ImageSteps:
         pipe, o = self._pipe, c.req.request.image
         uncond = c.req.uncond if c.req.uncond is not None else pipe.uncond_condition(None)
         lat = prepare_latents((1,) + tuple(shape), cond.dtype, pipe.model.device, c.generator, None)
-        job = DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler, o.sampler),
+        job = DiffusionJob(make_noise_scheduler(pipe.config.diffusion.scheduler, o.sampler),
                            cond[None], uncond[None],
                            o.guidance_scale, o.num_inference_steps, lat, c.generator)
         self._images.append((c, job))

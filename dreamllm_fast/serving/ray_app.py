@@ -173,7 +173,7 @@ SCHEDULERS: dict[str, Callable[[Callable[..., Any], RayServeArgs], Scheduler]] =
     name: _named(name) for name in SCHEDULER_NAMES}
 
 
-def make_scheduler(args: RayServeArgs) -> Scheduler:
+def make_noise_scheduler(args: RayServeArgs) -> Scheduler:
     """The replica's scheduler (not started). A custom one is named "package.module:factory",
     called as ``factory(load, args)``, and must implement `scheduler.Scheduler`."""
     factory = SCHEDULERS.get(args.scheduler)
@@ -249,7 +249,7 @@ class DreamLLMReplica:
         self.app_name, self.deployment_name, self.replica_id = _replica_identity()
         # Resolved here, in the replica's environment, so a key need not travel in the config.
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None
-        self.scheduler = make_scheduler(self.args)
+        self.scheduler = make_noise_scheduler(self.args)
         self.scheduler.start()
         t0 = time.monotonic()
         deadline = t0 + self.args.ready_timeout_s

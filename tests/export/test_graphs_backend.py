@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from dreamllm_fast.diffusion import DiffusionJob, denoise_step, make_scheduler, prepare_latents
+from dreamllm_fast.diffusion import DiffusionJob, denoise_step, make_noise_scheduler, prepare_latents
 from dreamllm_fast.engine.graphs import StandInGraphs
 from dreamllm_fast.export.backends import make_unet_backend, make_vae_backend
 from dreamllm_fast.export.fused_norm import FusedGroupNorm, count_group_norms, swap_group_norms
@@ -151,7 +151,7 @@ def _job(pipe, seed, steps, scale, sampler="ddpm"):
     Q, C = pipe.config.num_dream_queries, cfg.cross_attention_dim
     cond, uncond = torch.randn(1, Q, C, generator=gen), torch.randn(1, Q, C, generator=gen)
     lat = prepare_latents((1,) + pipe.latent_shape(), torch.float32, "cpu", gen, None)
-    return DiffusionJob(make_scheduler(cfg.scheduler, sampler), cond, uncond, scale, steps, lat, gen)
+    return DiffusionJob(make_noise_scheduler(cfg.scheduler, sampler), cond, uncond, scale, steps, lat, gen)
 
 
 def test_server_jobs_join_and_leave_the_whole_step_graph(ref_pipe, graphs_pipe):

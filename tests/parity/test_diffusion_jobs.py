@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from dreamllm_fast.diffusion import DiffusionJob, denoise, denoise_step, make_scheduler, prepare_latents
+from dreamllm_fast.diffusion import DiffusionJob, denoise, denoise_step, make_noise_scheduler, prepare_latents
 from tests.tolerances import NOISE_FLOOR
 
 # (steps, guidance scale, seed): different timestep grids, one job without guidance
@@ -40,7 +40,7 @@ def _job(pipe, conds, i):
     gen = torch.Generator().manual_seed(seed)
     cond, uncond = conds[i]
     lat = prepare_latents((1,) + pipe.latent_shape(), torch.float32, "cpu", gen, None)
-    return DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler), cond, uncond, gs, steps, lat, gen)
+    return DiffusionJob(make_noise_scheduler(pipe.config.diffusion.scheduler), cond, uncond, gs, steps, lat, gen)
 
 
 def _alone(unet, job):
@@ -96,14 +96,14 @@ def test_denoise_is_one_job_stepped_alone(parts):
     cond, uncond = conds[0]
     gen = torch.Generator().manual_seed(11)
     lat = prepare_latents((1,) + pipe.latent_shape(), torch.float32, "cpu", gen, None)
-    out = denoise(spy, make_scheduler(pipe.config.diffusion.scheduler), cond, uncond, 4.0, 3, lat, gen)
-    sched = make_scheduler(pipe.config.diffusion.scheduler)
+    out = denoise(spy, make_noise_scheduler(pipe.config.diffusion.scheduler), cond, uncond, 4.0, 3, lat, gen)
+    sched = make_noise_scheduler(pipe.config.diffusion.scheduler)
     sched.set_timesteps(3)
     assert [int(t) for t, _ in seen] == sched.timesteps.tolist() and all(t.dim() == 0 for t, _ in seen)
     assert torch.equal(seen[0][1], torch.cat([uncond, cond]))
     gen2 = torch.Generator().manual_seed(11)
     lat2 = prepare_latents((1,) + pipe.latent_shape(), torch.float32, "cpu", gen2, None)
-    job = _alone(pipe.unet, DiffusionJob(make_scheduler(pipe.config.diffusion.scheduler), cond, uncond,
+    job = _alone(pipe.unet, DiffusionJob(make_noise_scheduler(pipe.config.diffusion.scheduler), cond, uncond,
                                          4.0, 3, lat2, gen2))
     assert torch.equal(out, job.latents)
 

@@ -7,7 +7,7 @@ summation order (measured max |diff| ~1e-6 on logits of magnitude ~10), hence 1e
 import pytest
 import torch
 
-from dreamllm_fast.diffusion import make_scheduler
+from dreamllm_fast.diffusion import make_noise_scheduler
 
 
 def _full_llm_logits(pipe, embeds):
@@ -97,7 +97,7 @@ def test_image_equals_diffusers_stable_diffusion_pipeline(ref_pipe):
     ours = pipe.text_to_image("a lighthouse at night", num_inference_steps=4, guidance_scale=5.0,
                               generator=torch.Generator().manual_seed(7), output_type="pt")
     sd = StableDiffusionPipeline(vae=m.vae, text_encoder=None, tokenizer=None, unet=m.unet,
-                                 scheduler=make_scheduler(pipe.config.diffusion.scheduler),
+                                 scheduler=make_noise_scheduler(pipe.config.diffusion.scheduler),
                                  safety_checker=None, feature_extractor=None,
                                  requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ the same order on the same modules, so the images agree to fp32 rounding (measur
 import pytest
 import torch
 
-from dreamllm_fast.diffusion import (SAMPLERS, DiffusionJob, denoise_step, make_scheduler,
+from dreamllm_fast.diffusion import (SAMPLERS, DiffusionJob, denoise_step, make_noise_scheduler,
                                      prepare_latents, sampler_of)
 from dreamllm_fast.errors import InvalidInputError
 
@@ -23,7 +23,7 @@ def _diffusers_pipe(pipe, sampler):
 
     m = pipe.model
     sd = StableDiffusionPipeline(vae=m.vae, text_encoder=None, tokenizer=None, unet=m.unet,
-                                 scheduler=make_scheduler(pipe.config.diffusion.scheduler, sampler),
+                                 scheduler=make_noise_scheduler(pipe.config.diffusion.scheduler, sampler),
                                  safety_checker=None, feature_extractor=None,
                                  requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
@@ -33,16 +33,16 @@ def _diffusers_pipe(pipe, sampler):
 def test_make_scheduler_builds_diffusers_classes_from_the_sd21_config(ref_pipe):
     cfg = ref_pipe.config.diffusion.scheduler
     for name in SAMPLERS:
-        s = make_scheduler(cfg, name)
+        s = make_noise_scheduler(cfg, name)
         assert type(s).__name__ == CLASSES[name] and sampler_of(s) == name
         # the model's training schedule carries over (betas, spacing, prediction type)
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                     "prediction_type", "timestep_spacing", "steps_offset"):
             assert s.config[key] == cfg[key], (name, key)
-    dpm = make_scheduler(cfg, "dpmpp-2m")
+    dpm = make_noise_scheduler(cfg, "dpmpp-2m")
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
     with pytest.raises(InvalidInputError, match="sampler must be one of"):
-        make_scheduler(cfg, "euler")
+        make_noise_scheduler(cfg, "euler")
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m", "unipc"])
@@ -94,7 +94,7 @@ def test_batched_multistep_jobs_equal_their_solo_runs(ref_pipe):
         sampler, steps, scale, seed = JOBS[i]
         gen = torch.Generator().manual_seed(seed)
         lat = prepare_latents((1,) + pipe.latent_shape(), torch.float32, "cpu", gen, None)
-        return DiffusionJob(make_scheduler(cfg.scheduler, sampler), *conds[i], scale, steps, lat, gen)
+        return DiffusionJob(make_noise_scheduler(cfg.scheduler, sampler), *conds[i], scale, steps, lat, gen)
 
     solo = []
     for i in range(len(JOBS)):

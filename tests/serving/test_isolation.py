@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dreamllm_fast.config import EngineConfig
-from dreamllm_fast.diffusion import make_scheduler
+from dreamllm_fast.diffusion import make_noise_scheduler
 from dreamllm_fast.pipeline import DreamLLMPipeline
 from dreamllm_fast.sampling import SamplingParams
 from dreamllm_fast.serving.batched import BatchedScheduler
@@ -86,7 +86,7 @@ def engine_pipe(tiny_ckpt):
 
 
 def _first_timestep(pipe, steps: int) -> int:
-    s = make_scheduler(pipe.config.diffusion.scheduler)
+    s = make_noise_scheduler(pipe.config.diffusion.scheduler)
     s.set_timesteps(steps)
     return int(s.timesteps[0])
 

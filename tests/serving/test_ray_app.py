@@ -70,12 +70,12 @@ def test_deployment_options_fixed_and_autoscaling():
 def test_each_named_scheduler_is_built_as_the_cli_builds_it(tiny_ckpt):
     a = RayServeArgs(checkpoint=str(tiny_ckpt), device="cpu", backend="engine", max_batch=3,
                      prefill_chunk=64, image_batch=2, max_queue=5)
-    sched = ray_app.make_scheduler(a)  # the default: batched
+    sched = ray_app.make_noise_scheduler(a)  # the default: batched
     assert (sched.name, sched.max_batch, sched.prefill_chunk, sched.max_images, sched.max_queue) == \
         ("batched", 3, 64, 2, 5)
     ec = sched._load().model.engine_config  # the replica's engine: 3 slots, graphs up to 3
     assert ec.max_batch == 3 and ec.cuda_graph_batch_sizes == (1, 2, 3)
-    seq = ray_app.make_scheduler(a.model_copy(update={"scheduler": "sequential"}))
+    seq = ray_app.make_noise_scheduler(a.model_copy(update={"scheduler": "sequential"}))
     assert seq.name == "sequential" and seq.max_queue == 5
 
 
