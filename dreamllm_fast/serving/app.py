@@ -34,6 +34,7 @@ from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompl
 from .scheduler import (ChoiceDone, ImageResult, NotReadyError, QueueFullError, RequestFailed,
                         RequestHandle, Scheduler, TextDelta)
 from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
+from .slow_clients import UploadAborted, read_body
 
 log = logging.getLogger("dreamllm_fast.serving")
 ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
@@ -172,7 +173,8 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
 
 # -- helpers ---------------------------------------------------------------------------------------
 async def _json(request: Request):
-    return decode_json_body(await request.body(), request.headers.get("content-type"))
+    raw = await read_body(request, request.app.state.config.body_timeout_s)
+    return decode_json_body(raw, request.headers.get("content-type"))
 
 
 async def _submit(sched: Scheduler, gen) -> RequestHandle:
@@ -363,6 +365,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request, e: ApiError):
         return render(e)
+
+    @app.exception_handler(UploadAborted)
+    async def _aborted(request, e: UploadAborted):
+        client = request.client
+        log.info("%s %s: the client (%s) disconnected before its request body was complete",
+                 request.method, request.url.path,
+                 f"{client.host}:{client.port}" if client else "?")
+        return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e: BodyTooLarge):

@@ -45,6 +45,7 @@ class ServeConfig:
     model_name: str = "dreamllm"
     api_key: Optional[str] = None
     max_body_bytes: int = 32 * 2**20
+    body_timeout_s: Optional[float] = 30.0  # a request body must arrive within it (None: no limit)
     media: MediaLimits = field(default_factory=MediaLimits)
     max_n: int = 8
     max_stop: int = 4  # OpenAI's limit on stop strings
