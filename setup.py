@@ -39,7 +39,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
-            "hypothesis>=6",  # property tests (tests/decoding)
+            "hypothesis>=6",  # property tests (tests/decoding), the server's fuzzing (tests/serving)
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",
