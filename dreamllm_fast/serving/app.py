@@ -3,7 +3,8 @@ the only place the routes exist; `dreamllm-fast serve` runs its app under uvicor
 deployment mounts the same app (`serve.ingress(create_app(None, cfg, manage_scheduler=False))`,
 then sets ``app.state.scheduler`` in the replica).
 
-Routes: POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models[/{id}],
+Routes: POST /v1/chat/completions, POST /v1/completions (completions.py: the raw prompt of
+`DreamLLMPipeline.complete`), POST /v1/images/generations, GET /v1/models[/{id}],
 GET /health (open; 503 until the scheduler is ready), GET /metrics (Prometheus text).
 Errors are OpenAI's error JSON with the matching status (400 bad input, 401 key, 404 model or
 route, 413 body, 429 queue full + Retry-After, 503 not ready, 500 bug). A client that disconnects
@@ -26,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError,
                       InvalidInputError)
+from .completions import (UNSUPPORTED_COMPLETION, CompletionRequest, completion, completion_choice,
+                          completion_chunk, completion_request)
 from .metrics import ServingMetrics
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
                        ImageGenerationRequest, ServeConfig, chat_chunk, chat_completion,
@@ -37,7 +40,8 @@ from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
 from .slow_clients import UploadAborted, read_body
 
 log = logging.getLogger("dreamllm_fast.serving")
-ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/images/generations", "/v1/models",
+          "/health", "/metrics")
 
 
 def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = None, *,
@@ -153,6 +157,27 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         out = chat_completion(handle.request_id, cfg.model_name, choices,
                               usage(handle.prompt_tokens, completion))
         return JSONResponse(out, headers=headers)
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(request: Request):
+        t0 = time.monotonic()
+        body = parse_body(await _json(request), CompletionRequest, UNSUPPORTED_COMPLETION)
+        check_model(body.model)
+        sched = ready(request)
+        gen = await completion_request(body, cfg, request.app.state.http_client,
+                                       context=(sched.max_context, sched.image_tokens))
+        handle = await _submit(sched, gen)
+        headers = {"x-request-id": handle.request_id}
+        if body.stream:
+            return _EventStream(_stream_completion(handle, body, cfg, metrics, t0), headers=headers)
+        results = await _collect(request, handle, metrics, "/v1/completions", t0)
+        if results is None:
+            return Response(status_code=499)
+        choices = [completion_choice(i, "".join(r["parts"]), r["finish"])
+                   for i, r in sorted(results.items())]
+        used = usage(handle.prompt_tokens, sum(r["tokens"] for r in results.values()))
+        return JSONResponse(completion(handle.request_id, cfg.model_name, choices, used),
+                            headers=headers)
 
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
     async def images_generations(request: Request):
@@ -300,6 +325,39 @@ async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: 
         else:
             if with_usage:
                 yield chunk([], usage(handle.prompt_tokens, completion))
+        yield "data: [DONE]\n\n"
+        metrics.latency.labels(route).observe(time.monotonic() - t0)
+    finally:
+        handle.cancel()  # no-op once finished; the client left otherwise: free its slot
+
+
+async def _stream_completion(handle: RequestHandle, body, cfg: ServeConfig,
+                             metrics: ServingMetrics, t0: float):
+    """/v1/completions chunks: text per choice, the last piece with its finish_reason."""
+    route = "/v1/completions"
+    rid, model, created = handle.request_id, cfg.model_name, int(time.time())
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, u=None):
+        return _sse(completion_chunk(rid, model, created, choices, u, with_usage))
+    done_tokens, first = 0, True
+    try:
+        async for ev in handle:
+            if isinstance(ev, RequestFailed):
+                err = to_api_error(ev.error)
+                yield _sse(error_body(err.message, err.type, err.code, err.param))
+                break
+            if first:
+                metrics.ttft.labels(route).observe(time.monotonic() - t0)
+                first = False
+            if isinstance(ev, ChoiceDone):
+                done_tokens += ev.completion_tokens
+                yield chunk([completion_choice(ev.index, ev.text, ev.finish_reason)])
+            elif isinstance(ev, TextDelta):
+                yield chunk([completion_choice(ev.index, ev.text, None)])
+        else:
+            if with_usage:
+                yield chunk([], usage(handle.prompt_tokens, done_tokens))
         yield "data: [DONE]\n\n"
         metrics.latency.labels(route).observe(time.monotonic() - t0)
     finally:

@@ -190,7 +190,8 @@ class BatchedScheduler(WorkerScheduler):
             return
         self._pipe = pipe
         sp = pipe.special
-        self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos)}
+        self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos),
+                       "completion": (sp.eos, sp.bos, sp.dream_start)}
         with self._cv:
             if self._closing:  # shut down while loading: never report ready
                 return

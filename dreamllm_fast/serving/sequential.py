@@ -205,6 +205,16 @@ class SequentialScheduler(WorkerScheduler):
         emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
+    def _run_completion(self, pipe, handle, i, g) -> None:
+        req, sp = handle.request, handle.request.sampling
+        doc = pipe.complete(req.content, max_new_tokens=sp.max_new_tokens, max_images=0,
+                            do_sample=sp.do_sample, temperature=sp.temperature, top_p=sp.top_p,
+                            top_k=sp.top_k, generator=g)
+        stop = StopStrings(req.stop)
+        reason = "stop" if doc and emit_text(handle, i, stop, doc[0]) else None
+        emit_text(handle, i, stop)
+        self._finish(pipe, handle, i, reason)
+
     def _run_interleaved(self, pipe, handle, i, g) -> None:
         req, sp, o = handle.request, handle.request.sampling, handle.request.image
         doc = pipe.generate(req.messages, max_new_tokens=sp.max_new_tokens, max_images=o.max_images,
@@ -280,15 +290,17 @@ def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepa
     max_len = pipe.max_len
     span = pipe.config.image_span_len
     negative = None
-    if req.kind in ("chat", "interleaved"):
-        texts = [c for m in req.messages for c in _texts(m.get("content"))]
-        n_img = sum(1 for m in req.messages for c in _items(m.get("content"))
+    if req.kind in ("chat", "interleaved", "completion"):
+        contents = [req.content] if req.kind == "completion" else \
+            [m.get("content") for m in req.messages]
+        texts = [c for content in contents for c in _texts(content)]
+        n_img = sum(1 for content in contents for c in _items(content)
                     if not isinstance(c, (str, dict)))
         # Every token covers at most max_piece_chars characters: far too much text fails
         # here, before the (slow) tokenizer sees megabytes.
         if sum(map(len, texts)) > max_len * max_piece_chars or n_img * span > max_len:
             raise ContextOverflowError(_overflow_msg(max_len, None, n_img, span, req.max_new_tokens))
-        prompt = builder.chat(req.messages)
+        prompt = builder.raw(req.content) if req.kind == "completion" else builder.chat(req.messages)
         n_prompt = len(prompt)
         if req.max_new_tokens is None:
             if n_prompt >= max_len:
