@@ -220,7 +220,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(
         model_name=args.model_name or Path(args.checkpoint).name, api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
-        body_timeout_s=args.body_timeout,
+        body_timeout_s=args.body_timeout, max_temperature=args.max_temperature,
         media=MediaLimits(max_image_bytes=int(args.max_image_mb * 2**20),
                           max_image_pixels=args.max_image_pixels, max_images=args.max_input_images,
                           allowed_hosts=tuple(args.allow_image_host or ()),
@@ -288,6 +288,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-images", type=int, default=None,
                    help="input images per request (default: as many as fit the context, 7 at "
                         "2048 tokens; the count is checked before any image is decoded)")
+    p.add_argument("--max-temperature", type=float, default=2.0,
+                   help="largest temperature accepted (default 2: OpenAI's range)")
     p.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a client may take to send a request's line and headers; the "
                         "connection is closed after (default 30)")

@@ -1,7 +1,8 @@
 """Fuzzing the server with Hypothesis (issue 20): strategies over the request models' fields,
 each field either a value of its valid range (kept small, so a valid request costs little) or
 any JSON value (wrong types, huge or negative numbers, lone surrogates, nested junk), sent to a
-real server on 127.0.0.1 (the batched scheduler, the tiny checkpoint's engine CPU path).
+real server on 127.0.0.1 (the batched scheduler, the tiny checkpoint's engine CPU path), on the
+chat (text and interleaved), images and completions routes.
 
 Asserted for every example: no 5xx; every error is OpenAI's error JSON; /health stays 200. And
 throughout: a greedy canary request, run again and again from another thread, keeps its exact
@@ -34,7 +35,7 @@ from dreamllm_fast.serving.batched import BatchedScheduler  # noqa: E402
 
 MODEL = "tiny"
 SLOTS = 3
-MAX_EXAMPLES = {"chat": 40, "interleaved": 10, "images": 20}
+MAX_EXAMPLES = {"chat": 40, "interleaved": 10, "images": 20, "completions": 15}
 CANARY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sky."}],
           "max_tokens": 6, "temperature": 0}
 FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -108,6 +109,20 @@ valid_images = st.fixed_dictionaries(
               "seed": st.integers(-2**64, 2**64), "guidance_scale": st.floats(0, 10),
               "negative_prompt": st.text(max_size=10), "response_format": st.just("b64_json")})
 images_body = fuzzed(valid_images, IMAGE_KEYS).filter(lambda b: b.get("num_inference_steps") is not None)
+COMPLETION_KEYS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "n",
+                   "stop", "stream", "images", "echo", "best_of"]
+valid_completion = st.tuples(
+    st.fixed_dictionaries(
+        {"model": st.just(MODEL), "max_tokens": st.integers(1, 6)},
+        optional={"temperature": st.floats(0, 3), "top_p": st.floats(0.01, 1),
+                  "top_k": st.integers(-1, 50) | st.just(2**63), "seed": st.integers(-2**64, 2**64),
+                  "n": st.integers(1, 2), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4),
+                  "stream": st.booleans()}),
+    st.lists(st.tuples(st.sampled_from(URLS[:1] * 3 + URLS), text), max_size=2), text,
+).map(lambda t: {**t[0], "prompt": "".join(f"<image>{s}" for _, s in t[1]) + t[2],
+                 **({"images": [u for u, _ in t[1]]} if t[1] else {})})
+completions_body = fuzzed(valid_completion, COMPLETION_KEYS).filter(
+    lambda b: b.get("max_tokens") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +160,8 @@ def canary(server):
     t.join(120)
     print(f"fuzz statuses {sorted(STATUSES.items())}; canary answers {len(answers)}")
     assert answers, "the canary never ran"
-    for path in ("/v1/chat/completions", "/v1/images/generations"):  # admitted ones were fuzzed too
+    for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/completions"):
+        # admitted requests were fuzzed too, not only refusals
         assert STATUSES.get((path, 200), 0) >= 3, STATUSES
     assert all(a == (200, server.canary_text) for a in answers), \
         [a for a in answers if a != (200, server.canary_text)][:3]
@@ -210,3 +226,10 @@ def test_fuzz_interleaved_answers(server, canary, body):
 @example(body={"prompt": "x", "num_inference_steps": 1, "seed": 2**64 - 1})
 def test_fuzz_images_generations(server, canary, body):
     send(server, "/v1/images/generations", body)
+
+
+@settings(max_examples=MAX_EXAMPLES["completions"], **FUZZ)
+@given(body=completions_body)
+@example(body={"model": MODEL, "prompt": "<image> x", "images": [URLS[1]], "max_tokens": 2})
+def test_fuzz_completions(server, canary, body):
+    send(server, "/v1/completions", body)
