@@ -49,6 +49,7 @@ def header_timeout_protocol(timeout_s: float):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutH11Protocol(H11Protocol):
+        header_timeout_s = timeout_s
         _header_timer = None
 
         def connection_made(self, transport) -> None:
