@@ -100,8 +100,8 @@ def test_refusals(client):
                          ({"prompt": ["a", "b"]}, "one prompt"), ({"best_of": 3}, "best_of"),
                          ({"temperature": 9}, "temperature"), ({"images": ["file:///etc/passwd"],
                                                                "prompt": "<image> x"}, "images[0]")):
-        body = {"model": MODEL, "prompt": IMAGE_PROMPT if "prompt" not in extra else None, **extra}
-        body["prompt"] = extra.get("prompt", IMAGE_PROMPT if extra.get("images") == [] else FEW_SHOT)
+        body = {"model": MODEL, "prompt": IMAGE_PROMPT if extra.get("images") == [] else FEW_SHOT,
+                **extra}
         r = httpx.post(client.url + "/v1/completions", content=json.dumps(body),
                        headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == 400, (extra, r.text)
