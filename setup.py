@@ -43,7 +43,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
-            "hypothesis>=6",  # property tests (tests/decoding)
+            "hypothesis>=6",  # property tests (tests/decoding), the server's fuzzing (tests/serving)
             # The PyPI distribution that owns the top-level name `kernels` (transformers >= 5.25
             # pulls it in; diffusers imports it through transformers). Installed explicitly so the
             # tests that keep the checkout's kernels/ folder from shadowing it always have it.

@@ -244,6 +244,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(
         model_name=args.model_name or Path(args.checkpoint).name, api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
+        body_timeout_s=args.body_timeout, max_temperature=args.max_temperature,
         media=MediaLimits(max_image_bytes=int(args.max_image_mb * 2**20),
                           max_image_pixels=args.max_image_pixels, max_images=args.max_input_images,
                           allowed_hosts=tuple(args.allow_image_host or ()),
@@ -271,8 +272,11 @@ def cmd_serve(args) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving {cfg.model_name!r} on http://{url_host}:{port} ({args.scheduler} scheduler: "
           f"{how}; /health turns ready once the model is loaded)", flush=True)
+    from .serving.slow_clients import header_timeout_protocol
+
     server = uvicorn.Server(uvicorn.Config(create_app(scheduler, cfg), log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5,
+                                           http=header_timeout_protocol(args.header_timeout)))
     server.run(sockets=[sock])
     return 0
 
@@ -308,6 +312,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-images", type=int, default=None,
                    help="input images per request (default: as many as fit the context, 7 at "
                         "2048 tokens; the count is checked before any image is decoded)")
+    p.add_argument("--max-temperature", type=float, default=2.0,
+                   help="largest temperature accepted (default 2: OpenAI's range)")
+    p.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's line and headers; the "
+                        "connection is closed after (default 30)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request body; 408 after "
+                        "(default 30)")
     p.add_argument("--allow-image-host", action="append", metavar="HOST[:PORT]",
                    help="fetch http(s) image URLs from this host (repeatable; default: none, "
                         "data: URLs only)")

@@ -191,14 +191,18 @@ class DecodeLoop:
         try:
             return self._step(events)
         except Exception as e:
-            if not device_failed(e) and self._isolate(e, events):
-                self._forget_finished()
-                return events
+            error = e
+            try:
+                if not device_failed(e) and self._isolate(e, events):
+                    self._forget_finished()
+                    return events
+            except Exception as probe:  # noqa: BLE001 - a device error while trying a row alone
+                error = probe
             # events drained before this step (a `finish` of a batch-mate) describe work that
             # happened: they come with the next step() (`has_events`), not lost with this one
             self._carry = carried
             self._fail()
-            raise
+            raise error
         except BaseException:
             self._carry = carried
             self._fail()

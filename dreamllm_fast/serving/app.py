@@ -3,7 +3,8 @@ the only place the routes exist; `dreamllm-fast serve` runs its app under uvicor
 deployment mounts the same app (`serve.ingress(create_app(None, cfg, manage_scheduler=False))`,
 then sets ``app.state.scheduler`` in the replica).
 
-Routes: POST /v1/chat/completions, POST /v1/images/generations, GET /v1/models[/{id}],
+Routes: POST /v1/chat/completions, POST /v1/completions (completions.py: the raw prompt of
+`DreamLLMPipeline.complete`), POST /v1/images/generations, GET /v1/models[/{id}],
 GET /health (open; 503 until the scheduler is ready), GET /metrics (Prometheus text), GET / and
 /ui/* (the chat page, open: serving/webui.py). A streamed interleaved answer carries the progress
 of an image being drawn as an extension field of its deltas (serving/progress.py).
@@ -28,6 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError,
                       InvalidInputError)
+from .completions import (UNSUPPORTED_COMPLETION, CompletionRequest, completion, completion_choice,
+                          completion_chunk, completion_request)
 from .metrics import ServingMetrics
 from .progress import ImageProgress
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
@@ -37,10 +40,12 @@ from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompl
 from .scheduler import (ChoiceDone, ImageResult, NotReadyError, QueueFullError, RequestFailed,
                         RequestHandle, Scheduler, TextDelta)
 from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
+from .slow_clients import UploadAborted, read_body
 from .webui import add_webui
 
 log = logging.getLogger("dreamllm_fast.serving")
-ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/images/generations", "/v1/models",
+          "/health", "/metrics")
 
 
 def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = None, *,
@@ -158,6 +163,27 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
                               usage(handle.prompt_tokens, completion))
         return JSONResponse(out, headers=headers)
 
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(request: Request):
+        t0 = time.monotonic()
+        body = parse_body(await _json(request), CompletionRequest, UNSUPPORTED_COMPLETION)
+        check_model(body.model)
+        sched = ready(request)
+        gen = await completion_request(body, cfg, request.app.state.http_client,
+                                       context=(sched.max_context, sched.image_tokens))
+        handle = await _submit(sched, gen)
+        headers = {"x-request-id": handle.request_id}
+        if body.stream:
+            return _EventStream(_stream_completion(handle, body, cfg, metrics, t0), headers=headers)
+        results = await _collect(request, handle, metrics, "/v1/completions", t0)
+        if results is None:
+            return Response(status_code=499)
+        choices = [completion_choice(i, "".join(r["parts"]), r["finish"])
+                   for i, r in sorted(results.items())]
+        used = usage(handle.prompt_tokens, sum(r["tokens"] for r in results.values()))
+        return JSONResponse(completion(handle.request_id, cfg.model_name, choices, used),
+                            headers=headers)
+
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
     async def images_generations(request: Request):
         t0 = time.monotonic()
@@ -177,7 +203,8 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
 
 # -- helpers ---------------------------------------------------------------------------------------
 async def _json(request: Request):
-    return decode_json_body(await request.body(), request.headers.get("content-type"))
+    raw = await read_body(request, request.app.state.config.body_timeout_s)
+    return decode_json_body(raw, request.headers.get("content-type"))
 
 
 async def _submit(sched: Scheduler, gen) -> RequestHandle:
@@ -313,6 +340,39 @@ async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: 
         handle.cancel()  # no-op once finished; the client left otherwise: free its slot
 
 
+async def _stream_completion(handle: RequestHandle, body, cfg: ServeConfig,
+                             metrics: ServingMetrics, t0: float):
+    """/v1/completions chunks: text per choice, the last piece with its finish_reason."""
+    route = "/v1/completions"
+    rid, model, created = handle.request_id, cfg.model_name, int(time.time())
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, u=None):
+        return _sse(completion_chunk(rid, model, created, choices, u, with_usage))
+    done_tokens, first = 0, True
+    try:
+        async for ev in handle:
+            if isinstance(ev, RequestFailed):
+                err = to_api_error(ev.error)
+                yield _sse(error_body(err.message, err.type, err.code, err.param))
+                break
+            if first:
+                metrics.ttft.labels(route).observe(time.monotonic() - t0)
+                first = False
+            if isinstance(ev, ChoiceDone):
+                done_tokens += ev.completion_tokens
+                yield chunk([completion_choice(ev.index, ev.text, ev.finish_reason)])
+            elif isinstance(ev, TextDelta):
+                yield chunk([completion_choice(ev.index, ev.text, None)])
+        else:
+            if with_usage:
+                yield chunk([], usage(handle.prompt_tokens, done_tokens))
+        yield "data: [DONE]\n\n"
+        metrics.latency.labels(route).observe(time.monotonic() - t0)
+    finally:
+        handle.cancel()  # no-op once finished; the client left otherwise: free its slot
+
+
 class _EventStream(StreamingResponse):
     """SSE that always watches for the client leaving (whatever ASGI spec version the server
     reports) and closes the event generator at once, so the request is cancelled promptly."""
@@ -372,6 +432,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request, e: ApiError):
         return render(e)
+
+    @app.exception_handler(UploadAborted)
+    async def _aborted(request, e: UploadAborted):
+        client = request.client
+        log.info("%s %s: the client (%s) disconnected before its request body was complete",
+                 request.method, request.url.path,
+                 f"{client.host}:{client.port}" if client else "?")
+        return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e: BodyTooLarge):

@@ -33,7 +33,7 @@ tried alone and those whose own step raises fail, the others go on with unchange
 (decoding.DecodeLoop.step, diffusion.denoise_step_isolated); when no single culprit shows, the step's
 requests fail (the decode loop resets; sequences paused in a dream branch were not in the step:
 they rejoin when their image is done). A packed prefill pass that raises fails its passes'
-requests. Requests are validated before admission (protocol.py, sequential.prepare_request), so
+requests. Requests are validated before admission (protocol.py, admission.prepare_request), so
 this is the second line. The scheduler keeps serving,
 unless the error leaves the GPU context unusable (a device-side assert, an illegal address:
 `devices.device_failed`): then every request fails with 503, /health reports the scheduler
@@ -113,7 +113,8 @@ class BatchedScheduler(Admission, PrefillPasses, ImageSteps, Outcomes, WorkerSch
         self.loop = DecodeLoop(pipe.model, pipe.tokenizer, pipe.max_len, run_ahead=pipe.run_ahead)
         self._default_chunk = pipe.model.prefill_chunk
         sp = pipe.special
-        self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos)}
+        self._stops = {"chat": (sp.eos, sp.bos, sp.dream_start), "interleaved": (sp.eos, sp.bos),
+                       "completion": (sp.eos, sp.bos, sp.dream_start)}
 
     def _serve(self, pipe) -> None:
         why = "the scheduler's worker stopped"

@@ -46,10 +46,11 @@ class ServeConfig:
     model_name: str = "dreamllm"
     api_key: Optional[str] = None
     max_body_bytes: int = 32 * 2**20
+    body_timeout_s: Optional[float] = 30.0  # a request body must arrive within it (None: no limit)
     media: MediaLimits = field(default_factory=MediaLimits)
     max_n: int = 8
     max_stop: int = 4  # OpenAI's limit on stop strings
-    # OpenAI's range is [0, 2]; a library user may open it (the tiny test model's logits are so
+    # OpenAI's range is [0, 2] (--max-temperature opens it: the tiny test model's logits are so
     # peaked that T <= 2 samples its greedy text, so the sampling tests use T = 8)
     max_temperature: float = 2.0
     # Defaults of the images of interleaved answers and /v1/images/generations (the original's

@@ -86,6 +86,8 @@ class RayServeArgs(BaseModel):
     max_image_mb: float = Field(16.0, gt=0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_input_images: Optional[int] = Field(None, ge=0)  # None: as many as fit the context
+    body_timeout: float = Field(30.0, gt=0)
+    max_temperature: float = Field(2.0, ge=0)
     allow_image_host: list[str] = []
     image_fetch_timeout: float = Field(10.0, gt=0)
     # -- Ray: placement and scaling
@@ -130,6 +132,7 @@ class RayServeArgs(BaseModel):
         return ServeConfig(
             model_name=self.model_name or Path(self.checkpoint).name, api_key=api_key,
             max_body_bytes=int(self.max_body_mb * 2**20), max_n=self.max_n,
+            body_timeout_s=self.body_timeout, max_temperature=self.max_temperature,
             media=MediaLimits(max_image_bytes=int(self.max_image_mb * 2**20),
                               max_image_pixels=self.max_image_pixels,
                               max_images=self.max_input_images,

@@ -41,7 +41,7 @@ from typing import Any, AsyncIterator, Callable, Literal, Optional, Sequence, Un
 from ..errors import DreamLLMError
 from ..sampling import SamplingParams
 
-Kind = Literal["chat", "interleaved", "image"]
+Kind = Literal["chat", "interleaved", "image", "completion"]
 log = logging.getLogger("dreamllm_fast.serving")
 
 
@@ -76,7 +76,8 @@ class GenerationRequest:
     """One OpenAI request in the engine's terms (no HTTP objects).
 
     messages: pipeline-format messages (role + content of text strings and PIL images) for
-    "chat" and "interleaved"; prompt: the text of an "image" request. max_new_tokens None means
+    "chat" and "interleaved"; prompt: the text of an "image" request; content: the raw prompt of
+    a "completion" (`DreamLLMPipeline.complete`: no chat template; `<dream_start>` ends it). max_new_tokens None means
     "up to the context" (OpenAI's default). seeds: one per choice (len == n).
     """
 
@@ -84,6 +85,7 @@ class GenerationRequest:
     seeds: Sequence[int]
     messages: Optional[list[dict]] = None
     prompt: Optional[str] = None
+    content: Optional[list] = None  # "completion": the raw prompt, text strings and PIL images
     max_new_tokens: Optional[int] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import time
 from typing import Callable, Optional, Union
@@ -22,11 +21,10 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..devices import device_failed
-from ..diffusion import check_diffusion_args, max_inference_steps
-from ..errors import ContextOverflowError, InvalidInputError
-from ..prompt import Prompt, PromptBuilder
+from ..errors import InvalidInputError
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, RequestFailed,
                         RequestHandle, SchedulerStats, StopStrings, emit_text)
+from .admission import prepare_request
 from .worker import WorkerScheduler
 
 log = logging.getLogger("dreamllm_fast.serving")
@@ -158,6 +156,16 @@ class SequentialScheduler(WorkerScheduler):
         emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
+    def _run_completion(self, pipe, handle, i, g) -> None:
+        req, sp = handle.request, handle.request.sampling
+        doc = pipe.complete(req.content, max_new_tokens=sp.max_new_tokens, max_images=0,
+                            do_sample=sp.do_sample, temperature=sp.temperature, top_p=sp.top_p,
+                            top_k=sp.top_k, generator=g)
+        stop = StopStrings(req.stop)
+        reason = "stop" if doc and emit_text(handle, i, stop, doc[0]) else None
+        emit_text(handle, i, stop)
+        self._finish(pipe, handle, i, reason)
+
     def _run_interleaved(self, pipe, handle, i, g) -> None:
         req, sp, o = handle.request, handle.request.sampling, handle.request.image
         doc = pipe.generate(req.messages, max_new_tokens=sp.max_new_tokens, max_images=o.max_images,
@@ -214,115 +222,3 @@ class SequentialScheduler(WorkerScheduler):
             prompt_tokens=c["prompt_tokens"], images_generated=c["images"],
             requests={k: c[k] for k in ("ok", "cancelled", "failed", "rejected")},
             stage_seconds=stages)
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A request checked against the model, with what the checks built (the worker reuses it)."""
-
-    request: GenerationRequest  # max_new_tokens resolved
-    prompt_tokens: int  # image spans included
-    prompt: Prompt  # the chat prompt, or the text-to-image prompt with its dream query slots
-    negative: Optional[Prompt] = None  # the built negative prompt (images, interleaved)
-
-
-def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepared:
-    """Everything `submit` checks before queueing (both schedulers): prompt length against the
-    context (images included), max_new_tokens resolved, diffusion settings, the image size."""
-    # A builder per call: the worker builds prompts with the pipeline's own builder meanwhile.
-    builder = PromptBuilder(pipe.tokenizer, pipe.config, pipe.special)
-    max_len = pipe.max_len
-    span = pipe.config.image_span_len
-    negative = None
-    if req.kind in ("chat", "interleaved"):
-        texts = [c for m in req.messages for c in _texts(m.get("content"))]
-        n_img = sum(1 for m in req.messages for c in _items(m.get("content"))
-                    if not isinstance(c, (str, dict)))
-        # Every token covers at most max_piece_chars characters: far too much text fails
-        # here, before the (slow) tokenizer sees megabytes.
-        if sum(map(len, texts)) > max_len * max_piece_chars or n_img * span > max_len:
-            raise ContextOverflowError(_overflow_msg(max_len, None, n_img, span, req.max_new_tokens))
-        prompt = builder.chat(req.messages)
-        n_prompt = len(prompt)
-        if req.max_new_tokens is None:
-            if n_prompt >= max_len:
-                raise ContextOverflowError(
-                    _overflow_msg(max_len, n_prompt, len(prompt.images), span, None))
-            max_new = max_len - n_prompt
-        else:
-            max_new = req.max_new_tokens
-            if n_prompt + max_new > max_len:
-                raise ContextOverflowError(
-                    _overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
-        req = dataclasses.replace(req, max_new_tokens=max_new,
-                                  sampling=dataclasses.replace(req.sampling, max_new_tokens=max_new))
-    else:
-        if len(req.prompt or "") > max_len * max_piece_chars:
-            raise ContextOverflowError(_overflow_msg(max_len, None, 0, span, None, "prompt"))
-        prompt = builder.raw(req.prompt or "", dream_queries=True)
-        n_prompt = len(prompt)
-        if n_prompt > max_len:
-            raise ContextOverflowError(_overflow_msg(max_len, n_prompt, 0, span, None, "prompt"))
-        _check_size(pipe, req.image.size)
-    if req.kind in ("interleaved", "image"):
-        o = req.image
-        check_diffusion_args(o.num_inference_steps, o.guidance_scale,
-                             max_inference_steps(pipe.config.diffusion.scheduler))
-        if not isinstance(o.max_images, int) or o.max_images < 0:
-            raise InvalidInputError(f"max_images must be an integer >= 0, got {o.max_images!r}")
-        if o.negative_prompt is not None:
-            negative = builder.raw(o.negative_prompt, dream_queries=True)
-            if len(negative) > max_len:
-                raise ContextOverflowError(
-                    f"negative_prompt is {len(negative)} tokens; the context holds {max_len}")
-    return Prepared(req, n_prompt, prompt, negative)
-
-
-def image_size_limits(config) -> tuple[int, int, int]:
-    """(step, smallest, largest) side in pixels that this model's VAE and U-Net accept.
-
-    step: the VAE's factor times the U-Net's downsampling (2 per down block after the first), so
-    every U-Net level halves exactly (SD-2.1: 8 x 8 = 64; the tiny test model: 8 x 2 = 16).
-    smallest: half the native size (SD-2.1-base: 256, DALL-E 2's smallest size) and never under
-    2 steps: at one step the U-Net's bottom level is 1x1 and its GroupNorm fails ("Expected more
-    than 1 value per channel", found by a hostile-client audit with "8x8"). largest: twice the
-    native size (SD-2.1-base: 1024)."""
-    d = config.diffusion
-    step = d.vae_scale_factor * 2 ** max(0, len(d.unet.get("down_block_types", ())) - 1)
-    native = d.default_resolution
-    lo = max(2 * step, -(-native // 2 // step) * step)
-    return step, lo, 2 * native
-
-
-def _check_size(pipe, size) -> None:
-    if size is None:
-        return
-    step, lo, hi = image_size_limits(pipe.config)
-    native = pipe.config.diffusion.default_resolution
-    for name, v in zip(("width", "height"), size):
-        if v < lo or v > hi or v % step:
-            raise InvalidInputError(
-                f"size: {name} must be a multiple of {step} in [{lo}, {hi}] for this model (its "
-                f"native size is {native}x{native}), got {v}")
-
-
-def _items(content) -> list:
-    if content is None:
-        return []
-    return list(content) if isinstance(content, (list, tuple)) else [content]
-
-
-def _texts(content) -> list[str]:
-    return [c for c in _items(content) if isinstance(c, str)]
-
-
-def _overflow_msg(max_len: int, n_prompt: Optional[int], n_img: int, span: int,
-                  max_new: Optional[int], what: str = "messages") -> str:
-    """OpenAI's wording, with the numbers: the limit, the prompt (images included) and the ask."""
-    got = "far more than that" if n_prompt is None else f"{n_prompt} tokens"
-    imgs = f", including {n_img} image(s) of {span} tokens each" if n_img else ""
-    ask = "" if max_new is None else f" + {max_new} requested in max_tokens"
-    return (f"This model's maximum context length is {max_len} tokens. However, the {what} "
-            f"take {got}{imgs}{ask}. Shorten the {what}"
-            + (", pass fewer images" if what == "messages" else "")
-            + (", or lower max_tokens." if max_new is not None else "."))

@@ -21,7 +21,7 @@ from .scheduler import StopStrings, emit_text
 class Request:
     def __init__(self, handle, prepared, pixels: Optional[torch.Tensor]):
         self.handle = handle
-        self.prepared = prepared  # sequential.Prepared: the checked request and its built prompts
+        self.prepared = prepared  # admission.Prepared: the checked request and its built prompts
         self.request = prepared.request
         self.kind = self.request.kind
         self.pixels = pixels  # preprocessed input images [N, 3, S, S] (CLIP runs at admission)

@@ -30,7 +30,7 @@ def _diffusers_pipe(pipe, sampler):
     return sd
 
 
-def test_make_scheduler_builds_diffusers_classes_from_the_sd21_config(ref_pipe):
+def test_make_noise_scheduler_builds_diffusers_classes_from_the_sd21_config(ref_pipe):
     cfg = ref_pipe.config.diffusion.scheduler
     for name in SAMPLERS:
         s = make_noise_scheduler(cfg, name)

@@ -4,7 +4,7 @@ during a dream branch), admission limits, failures, metrics and readiness.
 The model is the fast engine's CPU path on the tiny checkpoint (3 KV slots), so the slots counted
 here are the engine's real static-cache slots. Expected texts come from the reference pipeline
 (`ref_pipe`): the engine's greedy tokens equal the reference's (tests/parity/test_engine.py).
-The scheduler's test hooks hold or slow its worker (`on_iteration`) and record what each iteration
+The scheduler's test hooks hold or slow its worker (an injected observer, `Observer.iteration`) and record what each iteration
 ran (`trace`), so nothing here depends on timing luck.
 """
 import threading

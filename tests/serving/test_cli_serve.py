@@ -40,6 +40,9 @@ def test_help_and_defaults():
     args = cli.build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
     assert args.scheduler == "batched" and args.max_queue == 64 and args.max_batch is None
+    # issue 20: slow clients are cut off; input images default to what fits the context
+    assert args.header_timeout == 30.0 and args.body_timeout == 30.0
+    assert args.max_input_images is None and args.max_temperature == 2.0
 
 
 def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckpt, capsys):
@@ -47,7 +50,8 @@ def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckp
                      "--max-image-pixels", "1000", "--allow-image-host", "img.local:8080",
                      "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "6",
                      "--prefill-chunk", "32", "--image-batch", "2", "--max-input-images", "3",
-                     "--backend", "engine", "--device", "cpu"]) == 0
+                     "--backend", "engine", "--device", "cpu", "--header-timeout", "7",
+                     "--body-timeout", "9", "--max-temperature", "4"]) == 0
     host, port = recorder.last.bound
     assert host == "127.0.0.1" and port > 0
     out = capsys.readouterr()
@@ -58,6 +62,11 @@ def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckp
     assert cfg.model_name == "m1" and cfg.api_key is None and cfg.max_body_bytes == 2**20
     assert cfg.media.max_image_pixels == 1000 and cfg.media.allowed_hosts == ("img.local:8080",)
     assert cfg.media.max_images == 3
+    assert cfg.body_timeout_s == 9 and cfg.max_temperature == 4
+    from dreamllm_fast.serving.slow_clients import header_timeout_protocol
+
+    proto = recorder.last.config.http  # uvicorn's protocol class, with the header timer
+    assert proto.__name__ == header_timeout_protocol(7).__name__ and proto.header_timeout_s == 7
     assert sched.name == "batched" and sched.max_queue == 3 and sched.max_batch == 6
     assert sched.prefill_chunk == 32 and sched.max_images == 2
     # the engine the scheduler loads has one KV slot per sequence and decode graphs up to 6

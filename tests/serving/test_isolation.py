@@ -11,7 +11,7 @@ setting only the culprit uses: top_k == MARK_TOP_K (a sampled request) for decod
 timestep of a MARK_STEPS-step schedule for the U-Net.
 
 In-process (no HTTP): the tiny checkpoint on the engine's CPU path, 3 KV slots. The worker is held
-(`on_iteration`) until every request is queued, so they are admitted and stepped together.
+(an injected observer, `Observer.iteration`) until every request is queued, so they are admitted and stepped together.
 """
 import asyncio
 import threading

@@ -115,7 +115,7 @@ def deployed(cluster, tiny_ckpt, tmp_path_factory):
     cfg["http_options"]["port"] = cluster.port
     (app,) = cfg["applications"]
     app["args"].update(checkpoint=str(tiny_ckpt), device="cpu", dtype="fp32", backend="reference",
-                       model_name=MODEL, max_queue=8)
+                       model_name=MODEL, max_queue=8, max_temperature=8.0)
     (dep,) = app["deployments"]
     dep["autoscaling_config"].update(min_replicas=2, initial_replicas=2, max_replicas=2)
     dep["ray_actor_options"]["num_gpus"] = 0
@@ -153,7 +153,7 @@ def single(tiny_ckpt):
         args = yaml.safe_load(EXAMPLE.read_text())["applications"][0]["args"]  # the replicas'
         sched = build_scheduler(args["scheduler"], lambda engine_config=None: pipe, max_queue=8,
                                 max_batch=args.get("max_batch"))
-        with LiveServer(create_app(sched, ServeConfig(model_name=MODEL))) as srv:
+        with LiveServer(create_app(sched, ServeConfig(model_name=MODEL, max_temperature=8.0))) as srv:
             assert sched.wait_ready(60), sched.health()
             yield srv
     finally:
@@ -184,9 +184,9 @@ def _strip(body: dict) -> dict:
 CHAT_CASES = {
     "greedy": dict(messages=[{"role": "system", "content": "You are terse."}] + TEXT,
                    max_tokens=12, temperature=0),
-    # T = 8: the tiny model's walk is so peaked that T <= 2 samples the greedy text
-    # temperature within OpenAI's [0, 2] (the served limit): the sampling path, passed through
-    "seeded_n2": dict(messages=TEXT, max_tokens=10, temperature=2.0, top_p=0.95, seed=123, n=2),
+    # T = 8 (both servers run with --max-temperature 8): the tiny model's walk is so peaked that
+    # T <= 2 samples the greedy text
+    "seeded_n2": dict(messages=TEXT, max_tokens=10, temperature=8.0, top_p=0.95, seed=123, n=2),
     "image_input": dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(encode(scene()))}},
         {"type": "text", "text": "What is in this picture?"}]}], max_tokens=6, temperature=0),

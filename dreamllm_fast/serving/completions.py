@@ -1,0 +1,137 @@
+"""POST /v1/completions: the server face of `DreamLLMPipeline.complete()` (OpenAI's legacy
+completions API, which vLLM, SGLang and llama.cpp all serve).
+
+The prompt is raw: no chat template, ``<s>`` + the prompt, the in-context few-shot use of the
+model ("<image> This is a Welsh Corgi. <image> This is a Koala. <image> This is"). A completion
+is text: it ends at ``</s>``, at ``<dream_start>`` (as ``complete(..., max_images=0)``: drawing is
+the chat route's interleaved answers' job), at a stop string or after ``max_tokens`` (OpenAI's
+default: 16).
+
+Extension for images in a raw prompt: ``images``, a list of data URLs (or allow-listed http(s)
+URLs), one for each ``<image>`` placeholder in the prompt, in order. The image checks and
+limits are the chat route's (protocol.py: count against the context first, then every header,
+then decoding).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import Field
+
+from .media import decode_image, image_bytes
+from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _fingerprint,
+                       _seeds, _Strict, check_image_count)
+from .scheduler import GenerationRequest
+
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
+
+
+class CompletionRequest(_Strict):
+    model: str
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[Count] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
+    seed: Optional[Seed] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[Count] = Field(None, ge=1)
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    images: Optional[list[str]] = None  # extension: one URL per <image> in the prompt
+
+
+UNSUPPORTED_COMPLETION: dict[str, tuple[tuple, str]] = {
+    "echo": ((None, False), f"echo {_NO}"),
+    "logprobs": ((None, 0), f"logprobs {_NO}"),
+    "suffix": ((None, ""), f"suffix (insertion) {_NO}"),
+    "best_of": ((None, 1), f"best_of {_NO}; use n"),
+    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
+    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
+    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+}
+
+
+async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=None,
+                             context: Optional[tuple[int, int]] = None) -> GenerationRequest:
+    """Validate and resolve the prompt's images into the raw content `complete()` takes."""
+    import anyio
+
+    from ..sampling import SamplingParams
+    from ..errors import InvalidInputError
+
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, f"prompt: send one prompt per request (got a list of "
+                                f"{len(prompt)}); batch by sending requests concurrently",
+                           param="prompt")
+        prompt = prompt[0]
+    n = body.n or 1
+    if n > cfg.max_n:
+        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > cfg.max_stop or any(not s for s in stops):
+        raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature > cfg.max_temperature:
+        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
+                            f"{temperature:g}", param="temperature")
+    try:
+        sampling = SamplingParams(
+            max_new_tokens=1, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
+    except InvalidInputError as e:
+        raise ApiError(400, str(e)) from None
+    texts = prompt.split(IMAGE_PLACEHOLDER)
+    urls = body.images or []
+    if len(texts) - 1 != len(urls):
+        raise ApiError(400, f"the prompt has {len(texts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) "
+                            f"and images has {len(urls)} URL(s); send one image per placeholder",
+                       param="images")
+    check_image_count(len(urls), cfg.media, context, param="images")
+    data = []
+    for j, url in enumerate(urls):  # every header before any decode
+        try:
+            data.append(await image_bytes(url, cfg.media, client))
+        except InvalidInputError as e:
+            raise ApiError(400, f"images[{j}]: {e}", param=f"images.{j}", code="invalid_image") from None
+    content: list = [texts[0]] if texts[0] else []
+    for j, (d, text) in enumerate(zip(data, texts[1:])):
+        try:
+            content.append(await anyio.to_thread.run_sync(decode_image, d, cfg.media))
+        except InvalidInputError as e:
+            raise ApiError(400, f"images[{j}]: {e}", param=f"images.{j}", code="invalid_image") from None
+        if text:
+            content.append(text)
+    max_new = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    return GenerationRequest(kind="completion", seeds=_seeds(body.seed, n), content=content,
+                             max_new_tokens=max_new, sampling=sampling, stop=tuple(stops),
+                             request_id=f"cmpl-{uuid.uuid4().hex}")
+
+
+def completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage_,
+            "system_fingerprint": _fingerprint()}
+
+
+def completion_choice(index: int, text: str,
+                      finish_reason: Optional[Literal["stop", "length", "cancelled"]]) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion_chunk(request_id: str, model: str, created: int, choices: list[dict],
+                     usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
+    d = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+         "choices": choices, "system_fingerprint": _fingerprint()}
+    if with_usage:
+        d["usage"] = usage_
+    return d
