@@ -30,7 +30,7 @@ def run(images=(1, 2)) -> dict:
 
     from dreamllm_fast.config import DreamLLMConfig
     from dreamllm_fast.diffusion import DiffusionJob, make_noise_scheduler
-    from dreamllm_fast.engine.fake_cuda import LiveBytes, NoHostSync, NoLaunch, patched
+    from dreamllm_fast.devtools.fake_cuda import LiveBytes, NoHostSync, NoLaunch, patched
     from dreamllm_fast.engine.graphs import StandInGraphs
     from dreamllm_fast.kernels import _utils
 

@@ -1,6 +1,6 @@
 """GroupNorm(+SiLU) Triton kernel vs the float64 torch oracle (kernels/reference.py group_norm_ref).
 
-Bound (style.md rule 6): max|kernel - ref64| <= 2 * max|torch's GroupNorm(+SiLU) in the test dtype -
+Bound: max|kernel - ref64| <= 2 * max|torch's GroupNorm(+SiLU) in the test dtype -
 ref64| + NOISE_FLOOR[dtype]. Outputs are NaN-poisoned; sizes are awkward (channels per group 1, 3,
 5, 10; spatial sizes not multiples of the tiles; several splits per group and several tiles per
 split); layouts NCHW, channels-last and a channel slice of a wider tensor; inputs carry an offset
@@ -133,7 +133,7 @@ def test_group_norm_gpu_real_shapes(n, c, spatial, layout):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with CUDA; none found")
 def test_group_norm_captured_in_a_cuda_graph_replays_into_its_output():
-    """style.md rule 8: capture, zero the output, replay, compare with eager."""
+    """Poisoned outputs: capture, zero the output, replay, compare with eager."""
     x, w, b = _case(2, 320, (64, 64), torch.float16, "channels_last", "cuda")
     out = torch.empty_like(x)
     group_norm(x, w, b, 32, 1e-5, silu=True, out=out)  # warm-up: compile and plan outside capture
