@@ -15,7 +15,6 @@ condition -> diffuse -> decode_latents); `last_timings` holds the seconds of the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -23,25 +22,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import EngineConfig, Precision, SpecialTokens, WeightFormat
+from .config import SpecialTokens
 from .diffusion import (DEFAULT_SAMPLER, check_diffusion_args, check_sampler, decode_latents,
                         denoise, make_noise_scheduler, max_inference_steps, prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
+from .loading import BACKENDS, load_model, resolve_device_dtype  # noqa: F401 (re-exported)
 from .prompt import Prompt, PromptBuilder
 from .decoding import DecodeLoop
 from .sampling import SamplingParams, draw_seed
-
-BACKENDS = ("reference", "engine")
-
-
-def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, Precision]:
-    """The defaults of `DreamLLMPipeline.from_pretrained`: cuda when available, else the CPU;
-    bf16 on CUDA, fp32 on the CPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, Precision.parse(dtype or ("bf16" if device.type == "cuda" else "fp32"))
-
 
 class DreamLLMPipeline:
     """DreamLLM's three jobs behind one object. Serves one call at a time (thread-safe refusal)."""
@@ -86,46 +75,7 @@ class DreamLLMPipeline:
         Default: the checkpoint's own format (bf16, or what `convert --weights` wrote). Overrides
         `engine_config.weights` when both are given.
         """
-        device, precision = resolve_device_dtype(device, dtype)
-        dtype = precision.dtype
-        ckpt = load_checkpoint(path)
-        stored = WeightFormat.parse(ckpt.llm_weights)  # int8/fp8: written by `convert --weights`
-        try:
-            fmt = WeightFormat.parse(weights if weights is not None else
-                                     (engine_config.weights if engine_config is not None else None))
-        except ValueError as e:
-            raise InvalidInputError(str(e)) from None
-        if weights is None and not fmt.quantized:  # nothing asked: the checkpoint's own format
-            fmt = stored
-        if stored.quantized and fmt is not stored:
-            raise InvalidInputError(
-                f"{path} holds {stored.value}-quantized LLM weights (`convert --weights "
-                f"{stored.value}`); load it with weights={stored.value!r}, or load the bf16 checkpoint")
-        backend = backend or ("engine" if device.type == "cuda" or fmt.quantized else "reference")
-        if backend not in BACKENDS:
-            raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if fmt.quantized and backend != "engine":
-            raise InvalidInputError(
-                f"weights={fmt.value!r} is an engine option (the reference backend is the unquantized "
-                f"oracle): use backend='engine', or weights='bf16'")
-        if engine_config is not None and engine_config.weights is not fmt:
-            engine_config = dataclasses.replace(engine_config, weights=fmt)
-        elif engine_config is None and fmt.quantized:
-            engine_config = EngineConfig(precision=precision, weights=fmt)
-        tok = ckpt.tokenizer()
-        special = SpecialTokens.from_tokenizer(tok)
-        if backend == "reference":
-            from .reference import ReferenceModel
-
-            model = ReferenceModel(ckpt, special, device=device, dtype=dtype)
-        else:
-            try:
-                from .engine import EngineModel
-            except ImportError as e:
-                raise InvalidInputError(
-                    f"the fast engine is not available in this build ({e}); use backend='reference'"
-                ) from None
-            model = EngineModel(ckpt, special, device=device, dtype=dtype, engine_config=engine_config)
+        model, tok = load_model(path, device, dtype, backend, engine_config, weights)
         pipe = cls(model, tok, progress=progress)
         pipe.set_diffusion_backends(unet_backend, vae_backend)
         return pipe
