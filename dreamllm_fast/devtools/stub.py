@@ -49,6 +49,7 @@ class StubModel(OneByOnePasses):
         self.V = V
         self.unet = self.vae = None
         self.launches = 0  # decode steps launched (tests count wasted run-ahead steps)
+        self.open_sessions = 0  # sessions not yet closed (a scheduler's slot count, as the engine's)
 
     # -- the interface ------------------------------------------------------------------------
     def embed_tokens(self, ids) -> torch.Tensor:
@@ -68,10 +69,11 @@ class StubModel(OneByOnePasses):
         return torch.zeros(B, 3, h * f, w * f, device=latents.device)
 
     def kv_slots(self) -> tuple[int, None]:
-        """(used, total): the stub holds no cache."""
-        return 0, None
+        """(used, total): sessions open now; no bound (the stub holds no cache)."""
+        return self.open_sessions, None
 
     def new_session(self) -> "StubSession":
+        self.open_sessions += 1
         return StubSession(self)
 
     def decode_batch(self, sessions, token_ids, params, seeds) -> "StubDecodeBatch":
@@ -88,6 +90,7 @@ class StubSession:
         self.m = model
         self.length = 0
         self.generated = 0  # tokens the script has produced for this sequence
+        self.closed = False
 
     def extend(self, embeds: torch.Tensor) -> torch.Tensor:
         if self.length + embeds.shape[0] > self.m.max_len:
@@ -105,7 +108,9 @@ class StubSession:
         self.length = length
 
     def close(self) -> None:
-        pass
+        if not self.closed:
+            self.closed = True
+            self.m.open_sessions -= 1
 
 
 class StubDecodeBatch(DecodeBatchBase):

@@ -433,26 +433,37 @@ def test_429_and_400_are_shown(stub_server, ui):
     sched = stub_server.sched
     entered, gate = threading.Event(), threading.Event()
 
-    def hold(_):
-        entered.set()
-        gate.wait(30)
+    def hold(s):
+        if s.phases():  # request A holds the only KV slot: stop before admitting anything else
+            entered.set()
+            gate.wait(30)
 
-    sched.observer.on_iteration = hold  # the worker stops before admitting the next request
+    # A takes the one slot, B the one queue place; the page's request is then refused with 429
+    # (a request that a free slot would take at once is not refused: serving/worker.py _enqueue)
+    sched.observer.on_iteration = hold
     out = {}
-    body = {"model": "stub", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-    t = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
-        stub_server.url + "/v1/chat/completions", json=body, timeout=60,
-        headers={"Authorization": "Bearer " + KEY})))
-    t.start()
+    # several tokens: A is still decoding when the next iteration starts
+    body = {"model": "stub", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8}
+
+    def post(key):
+        out[key] = httpx.post(stub_server.url + "/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": "Bearer " + KEY})
+
+    threads = [threading.Thread(target=post, args=("a",))]
+    threads[0].start()
     try:
-        assert entered.wait(30)  # that request fills the one queue place
+        assert entered.wait(30)  # A is admitted and the worker holds
+        threads.append(threading.Thread(target=post, args=("b",)))
+        threads[1].start()
+        wait_until(lambda: sched.stats().queue_depth == 1, 30, "B to wait in the queue")
         u.send("am I in?")
         u.wait_done()
     finally:
         sched.observer.on_iteration = None
         gate.set()
-        t.join(60)
-    assert out["r"].status_code == 200
+        for t in threads:
+            t.join(60)
+    assert out["a"].status_code == 200 and out["b"].status_code == 200
     err = p.locator("#messages .error").inner_text()
     assert re.match(r"Error 429: the request queue is full.* retry in \d+ s\.$", err), err
     u.settings(top_p=5)
