@@ -14,7 +14,6 @@ route, 413 body, 429 queue full + Retry-After, 503 not ready, 500 bug). A client
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -23,24 +22,22 @@ from typing import Optional
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import (ContextOverflowError, DreamLLMError, EngineBusyError, ImageLoadError,
-                      InvalidInputError)
+from ..errors import DreamLLMError
 from .completions import (UNSUPPORTED_COMPLETION, CompletionRequest, completion, completion_choice,
-                          completion_chunk, completion_request)
+                          completion_request)
 from .metrics import ServingMetrics
-from .progress import ImageProgress
 from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
-                       ImageGenerationRequest, ServeConfig, chat_chunk, chat_completion,
-                       chat_request, decode_json_body, image_part, images_request, images_response, model_card,
-                       parse_body, text_part, usage)
-from .scheduler import (ChoiceDone, ImageResult, NotReadyError, QueueFullError, RequestFailed,
-                        RequestHandle, Scheduler, TextDelta)
+                       ImageGenerationRequest, ServeConfig, chat_request, decode_json_body,
+                       images_request, parse_body)
+from .responses import chat_completion, images_response, model_card, to_api_error, usage
+from .scheduler import RequestHandle, Scheduler
 from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
 from .slow_clients import UploadAborted, read_body
+from .streaming import EventStream, collect, content_of, stream_chat, stream_completion
 from .webui import add_webui
 
 log = logging.getLogger("dreamllm_fast.serving")
@@ -148,14 +145,14 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         handle = await _submit(sched, gen)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
-            return _EventStream(_stream_chat(handle, body, cfg, metrics, t0), headers=headers)
-        results = await _collect(request, handle, metrics, "/v1/chat/completions", t0)
+            return EventStream(stream_chat(handle, body, cfg, metrics, t0), headers=headers)
+        results = await collect(request, handle, metrics, "/v1/chat/completions", t0)
         if results is None:
             return Response(status_code=499)  # the client left; nobody reads this
         interleaved = handle.request.kind == "interleaved"
         choices, completion = [], 0
         for i, r in sorted(results.items()):
-            content = await anyio.to_thread.run_sync(_content, r["parts"], interleaved)
+            content = await anyio.to_thread.run_sync(content_of, r["parts"], interleaved)
             choices.append({"index": i, "message": {"role": "assistant", "content": content},
                             "logprobs": None, "finish_reason": r["finish"]})
             completion += r["tokens"]
@@ -174,8 +171,8 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         handle = await _submit(sched, gen)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
-            return _EventStream(_stream_completion(handle, body, cfg, metrics, t0), headers=headers)
-        results = await _collect(request, handle, metrics, "/v1/completions", t0)
+            return EventStream(stream_completion(handle, body, cfg, metrics, t0), headers=headers)
+        results = await collect(request, handle, metrics, "/v1/completions", t0)
         if results is None:
             return Response(status_code=499)
         choices = [completion_choice(i, "".join(r["parts"]), r["finish"])
@@ -191,7 +188,7 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         check_model(body.model)
         sched = ready(request)
         handle = await _submit(sched, images_request(body, cfg))
-        results = await _collect(request, handle, metrics, "/v1/images/generations", t0)
+        results = await collect(request, handle, metrics, "/v1/images/generations", t0)
         if results is None:
             return Response(status_code=499)
         images = [p for _, r in sorted(results.items()) for p in r["parts"] if not isinstance(p, str)]
@@ -212,195 +209,6 @@ async def _submit(sched: Scheduler, gen) -> RequestHandle:
         return await sched.submit(gen)
     except DreamLLMError as e:
         raise to_api_error(e) from None
-
-
-def to_api_error(e: BaseException) -> ApiError:
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, QueueFullError):
-        return ApiError(429, str(e), "rate_limit_error", code="queue_full",
-                        headers={"Retry-After": str(e.retry_after)})
-    if isinstance(e, (NotReadyError, EngineBusyError)):
-        return ApiError(503, str(e), "service_unavailable", code="model_not_ready",
-                        headers={"Retry-After": "5"})
-    if isinstance(e, ContextOverflowError):
-        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
-    if isinstance(e, ImageLoadError):
-        return ApiError(400, str(e), code="invalid_image")
-    if isinstance(e, InvalidInputError):
-        return ApiError(400, str(e))
-    return ApiError(500, f"internal server error ({type(e).__name__}); see the server log",
-                    "server_error")
-
-
-def _content(parts: list, interleaved: bool):
-    if not interleaved:
-        return "".join(parts)
-    out: list[dict] = []
-    for p in parts:
-        if isinstance(p, str):
-            if out and out[-1]["type"] == "text":
-                out[-1]["text"] += p
-            else:
-                out.append(text_part(p))
-        else:
-            out.append(image_part(p))
-    return out
-
-
-async def _collect(request: Request, handle: RequestHandle, metrics: ServingMetrics, route: str,
-                   t0: float) -> Optional[dict]:
-    """All events of a non-streamed request, per choice; None if the client disconnected (the
-    request is then cancelled). Raises the request's failure as an ApiError."""
-    results = {i: {"parts": [], "finish": None, "tokens": 0} for i in range(handle.request.n)}
-    failure: Optional[BaseException] = None
-    gone = False
-    first = True
-
-    async def watch(scope):
-        nonlocal gone
-        while True:
-            if (await request.receive())["type"] == "http.disconnect":
-                gone = True
-                handle.cancel()
-                scope.cancel()
-                return
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch, tg.cancel_scope)
-            async for ev in handle:
-                if isinstance(ev, (TextDelta, ImageResult)):
-                    if first:
-                        metrics.ttft.labels(route).observe(time.monotonic() - t0)
-                        first = False
-                    results[ev.index]["parts"].append(ev.text if isinstance(ev, TextDelta) else ev.image)
-                elif isinstance(ev, ChoiceDone):
-                    if ev.text:
-                        results[ev.index]["parts"].append(ev.text)
-                    results[ev.index]["finish"] = ev.finish_reason
-                    results[ev.index]["tokens"] = ev.completion_tokens
-                elif isinstance(ev, RequestFailed):
-                    failure = ev.error
-            tg.cancel_scope.cancel()
-    finally:
-        handle.cancel()  # no-op once finished; frees the request if this task was cancelled
-    if gone:
-        return None
-    metrics.latency.labels(route).observe(time.monotonic() - t0)
-    if failure is not None:
-        raise to_api_error(failure)
-    return results
-
-
-def _sse(obj) -> str:
-    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
-
-
-async def _stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: ServeConfig,
-                       metrics: ServingMetrics, t0: float):
-    route = "/v1/chat/completions"
-    rid, model, created = handle.request_id, cfg.model_name, int(time.time())
-    with_usage = bool(body.stream_options and body.stream_options.include_usage)
-    def chunk(choices, u=None):
-        return _sse(chat_chunk(rid, model, created, choices, u, with_usage))
-    completion, first = 0, True
-    try:
-        for i in range(handle.request.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
-        async for ev in handle:
-            if isinstance(ev, RequestFailed):
-                err = to_api_error(ev.error)
-                yield _sse(error_body(err.message, err.type, err.code, err.param))
-                break
-            if isinstance(ev, ChoiceDone):
-                completion += ev.completion_tokens
-                yield chunk([{"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
-                              "logprobs": None, "finish_reason": ev.finish_reason}])
-                continue
-            if isinstance(ev, ImageProgress):  # an image being drawn: extension field, no content
-                delta = ev.delta() if ev.preview is None else await anyio.to_thread.run_sync(ev.delta)
-                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
-                continue
-            if first:
-                metrics.ttft.labels(route).observe(time.monotonic() - t0)
-                first = False
-            if isinstance(ev, TextDelta):
-                delta = {"content": ev.text}
-            else:  # an image arrives whole, as one content part
-                delta = {"content": [await anyio.to_thread.run_sync(image_part, ev.image)]}
-            yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
-        else:
-            if with_usage:
-                yield chunk([], usage(handle.prompt_tokens, completion))
-        yield "data: [DONE]\n\n"
-        metrics.latency.labels(route).observe(time.monotonic() - t0)
-    finally:
-        handle.cancel()  # no-op once finished; the client left otherwise: free its slot
-
-
-async def _stream_completion(handle: RequestHandle, body, cfg: ServeConfig,
-                             metrics: ServingMetrics, t0: float):
-    """/v1/completions chunks: text per choice, the last piece with its finish_reason."""
-    route = "/v1/completions"
-    rid, model, created = handle.request_id, cfg.model_name, int(time.time())
-    with_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices, u=None):
-        return _sse(completion_chunk(rid, model, created, choices, u, with_usage))
-    done_tokens, first = 0, True
-    try:
-        async for ev in handle:
-            if isinstance(ev, RequestFailed):
-                err = to_api_error(ev.error)
-                yield _sse(error_body(err.message, err.type, err.code, err.param))
-                break
-            if first:
-                metrics.ttft.labels(route).observe(time.monotonic() - t0)
-                first = False
-            if isinstance(ev, ChoiceDone):
-                done_tokens += ev.completion_tokens
-                yield chunk([completion_choice(ev.index, ev.text, ev.finish_reason)])
-            elif isinstance(ev, TextDelta):
-                yield chunk([completion_choice(ev.index, ev.text, None)])
-        else:
-            if with_usage:
-                yield chunk([], usage(handle.prompt_tokens, done_tokens))
-        yield "data: [DONE]\n\n"
-        metrics.latency.labels(route).observe(time.monotonic() - t0)
-    finally:
-        handle.cancel()  # no-op once finished; the client left otherwise: free its slot
-
-
-class _EventStream(StreamingResponse):
-    """SSE that always watches for the client leaving (whatever ASGI spec version the server
-    reports) and closes the event generator at once, so the request is cancelled promptly."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content, headers=None):
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                           **(headers or {})})
-
-    async def __call__(self, scope, receive, send):
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream():
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away mid-write
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
 
 
 class _StatusCounter:

@@ -21,8 +21,9 @@ from typing import Literal, Optional, Union
 from pydantic import Field
 
 from .media import decode_image, image_bytes
-from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _fingerprint,
-                       _seeds, _Strict, check_image_count)
+from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _seeds, _Strict,
+                       check_image_count)
+from .responses import system_fingerprint
 from .scheduler import GenerationRequest
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -120,7 +121,7 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
 def completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage_,
-            "system_fingerprint": _fingerprint()}
+            "system_fingerprint": system_fingerprint()}
 
 
 def completion_choice(index: int, text: str,
@@ -131,7 +132,7 @@ def completion_choice(index: int, text: str,
 def completion_chunk(request_id: str, model: str, created: int, choices: list[dict],
                      usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
     d = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-         "choices": choices, "system_fingerprint": _fingerprint()}
+         "choices": choices, "system_fingerprint": system_fingerprint()}
     if with_usage:
         d["usage"] = usage_
     return d

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
@@ -35,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidInputError
 from ..sampling import SamplingParams
-from .media import MediaLimits, decode_image, image_bytes, parse_size, png_b64, png_data_url
+from .media import MediaLimits, decode_image, image_bytes, parse_size
 from .scheduler import GenerationRequest, ImageOptions
 
 
@@ -422,44 +421,3 @@ def _image_error(i: int, j: int, e: Exception) -> ApiError:
 
 
 # -- responses -------------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def text_part(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def image_part(image) -> dict:
-    return {"type": "image_url", "image_url": {"url": png_data_url(image)}}
-
-
-def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage_,
-            "system_fingerprint": _fingerprint()}
-
-
-def chat_chunk(request_id: str, model: str, created: int, choices: list[dict],
-               usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
-    d = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": choices, "system_fingerprint": _fingerprint()}
-    if with_usage:
-        d["usage"] = usage_
-    return d
-
-
-def images_response(images: list) -> dict:
-    return {"created": int(time.time()), "data": [{"b64_json": png_b64(im)} for im in images],
-            "output_format": "png"}
-
-
-def model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "dreamllm-fast"}
-
-
-def _fingerprint() -> str:
-    from .. import __version__
-
-    return f"dreamllm-fast-{__version__}"
