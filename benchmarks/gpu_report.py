@@ -106,10 +106,17 @@ VARIANTS = (
     # child's 7B build. Only its rows are kept (core has the engine's and the reference's).
     Variant("compile", 130, 130, ("decode",), ("--backends", "reference", "--contexts", "128"),
             extra=True, keep=("compile_static",)),
+    # int8/fp8 weight-only engines beside the bf16 engine (decode at ctx 128 and 1024, prefill,
+    # dream), each with its own floor. Off the 480 s plan until the first GPU report times core:
+    # it runs when named (--phases quant) or when its whole budget is left.
+    Variant("quant", 150, 150, ("prefill", "decode", "dream"),
+            ("--backends", "engine", "--weights", "bf16", "int8", "fp8", "--no-compile-baseline"),
+            extra=True),
 )
 # U-Net/VAE backends of the diffusion phase, beside diffusers eager; the engine's CUDA-graph
-# backend joins with one word here ("graphs"). "compiled" costs minutes of Inductor: extra phase.
-DIFFUSION_BACKENDS = ("eager",)
+# backend ("graphs": captured modules, fused GroupNorm) runs beside it. "compiled" costs minutes
+# of Inductor: an extra phase.
+DIFFUSION_BACKENDS = ("eager", "graphs")
 
 
 @dataclass

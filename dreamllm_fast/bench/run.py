@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import BACKENDS, GRAPH_STAGES, LLM_STAGES, QUANT_STAGES, QUANT_WEIGHTS, STAGES
 
-DIFFUSION_BACKENDS = ("eager", "compiled", "compiled-aoti", "onnxruntime", "tensorrt")
+DIFFUSION_BACKENDS = ("eager", "compiled", "compiled-aoti", "onnxruntime", "tensorrt", "graphs")
 ISOLATED_TIMEOUT_S = 300.0  # one compile+StaticCache context compiled in ~70 s on the H100
 _monotonic = time.monotonic  # the budget's clock (tests replace it)
 
