@@ -22,7 +22,7 @@ from pydantic import Field
 
 from .media import decode_image, image_bytes
 from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _seeds, _Strict,
-                       check_image_count)
+                       check_image_count, check_sampling, check_stops)
 from .responses import system_fingerprint
 from .scheduler import GenerationRequest
 
@@ -62,7 +62,6 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
     """Validate and resolve the prompt's images into the raw content `complete()` takes."""
     import anyio
 
-    from ..sampling import SamplingParams
     from ..errors import InvalidInputError
 
     prompt = body.prompt
@@ -77,20 +76,8 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
         raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > cfg.max_stop or any(not s for s in stops):
-        raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if temperature > cfg.max_temperature:
-        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
-                            f"{temperature:g}", param="temperature")
-    try:
-        sampling = SamplingParams(
-            max_new_tokens=1, do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
-    except InvalidInputError as e:
-        raise ApiError(400, str(e)) from None
+    stops = check_stops(body.stop, cfg)
+    sampling = check_sampling(body, cfg)
     texts = prompt.split(IMAGE_PLACEHOLDER)
     urls = body.images or []
     if len(texts) - 1 != len(urls):

@@ -251,6 +251,30 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
 
 
 # -- into the engine's terms -----------------------------------------------------------------------
+def check_stops(stop, cfg: ServeConfig) -> list[str]:
+    """`stop` (a string or a list) as a list, bounded by the server's limits."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > cfg.max_stop or any(not s for s in stops):
+        raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
+    return stops
+
+
+def check_sampling(body, cfg: ServeConfig) -> SamplingParams:
+    """The sampling settings of a chat or completion request (max_new_tokens set later): OpenAI's
+    temperature range up to the server's `--max-temperature`, 0 meaning greedy."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature > cfg.max_temperature:
+        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
+                            f"{temperature:g}", param="temperature")
+    try:
+        return SamplingParams(
+            max_new_tokens=1, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
+    except InvalidInputError as e:
+        raise ApiError(400, str(e)) from None
+
+
 async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=None,
                        context: Optional[tuple[int, int]] = None) -> GenerationRequest:
     """Validate semantics and resolve images (data URLs, allow-listed fetches) into PIL images.
@@ -272,21 +296,9 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
                             "/v1/images/generations, or ['text', 'image'] for an interleaved answer",
                        param="modalities")
     interleaved = "image" in modalities
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > cfg.max_stop or any(not s for s in stops):
-        raise ApiError(400, f"stop takes at most {cfg.max_stop} non-empty strings", param="stop")
+    stops = check_stops(body.stop, cfg)
     messages = await _messages(body.messages, cfg, client, context)
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if temperature > cfg.max_temperature:
-        raise ApiError(400, f"temperature must be in [0, {cfg.max_temperature:g}], got "
-                            f"{temperature:g}", param="temperature")
-    try:
-        sampling = SamplingParams(
-            max_new_tokens=1, do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p)
-    except InvalidInputError as e:
-        raise ApiError(400, str(e)) from None
+    sampling = check_sampling(body, cfg)
     if not interleaved:
         for name in ("num_inference_steps", "guidance_scale", "negative_prompt", "max_images",
                      "sampler"):
