@@ -88,6 +88,7 @@ async def stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: S
     route = "/v1/chat/completions"
     rid, model, created = handle.request_id, cfg.model_name, int(time.time())
     with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
     def chunk(choices, u=None):
         return sse(chat_chunk(rid, model, created, choices, u, with_usage))
     completion, first = 0, True
