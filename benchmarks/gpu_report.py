@@ -230,7 +230,27 @@ def _kernels_steps(ctx):
 def _collect_kernels(ctx):
     files = sorted(p for p in (ctx.work / "kernels").glob("*.json") if p.name != "summary.json")
     if files:
-        _write_json(ctx.out / "kernels.json", {p.stem: json.loads(p.read_text()) for p in files})
+        _write_json(ctx.out / "kernels.json", {**_read_kernels(ctx),
+                                               **{p.stem: json.loads(p.read_text()) for p in files}})
+
+
+def _read_kernels(ctx) -> dict:
+    path = ctx.out / "kernels.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _samplers_steps(ctx):
+    """benchmarks/bench_unet.py: the U-Net step at 2 and 8 rows, the VAE, and T2I loops per sampler
+    (DDPM 50, DPM-Solver++ 20, UniPC 20) for diffusers eager and the graphs backend."""
+    smoke = ["--preset", "tiny", "--samplers", "ddpm:2", "--unet-rows", "2"] if _smoke(ctx) else []
+    return [_py("-m", "benchmarks.bench_unet", "--out", str(ctx.work / "samplers"),
+                "--backends", ",".join(DIFFUSION_BACKENDS), *smoke)]
+
+
+def _collect_samplers(ctx):
+    src = ctx.work / "samplers" / "bench_unet.json"
+    if src.is_file():  # kernels.json holds the per-benchmark files (the 8-file limit)
+        _write_json(ctx.out / "kernels.json", {**_read_kernels(ctx), "bench_unet": json.loads(src.read_text())})
 
 
 def _phases() -> dict:
@@ -252,6 +272,9 @@ def _phases() -> dict:
               + ", ".join(b.removeprefix("bench_") for b in KERNEL_BENCHES),
               _kernels_steps, _collect_kernels),
         *extras,
+        Phase("samplers", 120, 120, "benchmarks.bench_unet: U-Net step at 2 and 8 rows, VAE, T2I loops "
+              "per sampler (ddpm 50, dpmpp-2m 20, unipc 20) for " + ", ".join(DIFFUSION_BACKENDS),
+              _samplers_steps, _collect_samplers, extra=True),
         _bench_phase(Variant("diffusion_compiled", 150, 150, ("unet", "vae"),
                              ("--diffusion-backends", "eager", "compiled"), extra=True,
                              keep=("compiled",)),

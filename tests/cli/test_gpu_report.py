@@ -379,3 +379,21 @@ def test_a_stopped_run_ends_its_running_phase_and_keeps_finished_files(tmp_path)
         assert time.monotonic() < deadline, "the phase's child outlived the stopped run"
         time.sleep(0.1)
     assert [p["name"] for p in json.loads((tmp_path / "out" / "phases.json").read_text())] == ["env"]
+
+
+def test_the_samplers_phase_runs_bench_unet_and_keeps_the_kernel_files(tmp_path):
+    """The extra samplers phase: bench_unet over the report's diffusion backends (the tiny preset
+    in a smoke run); its rows join kernels.json beside the kernel benchmarks (8 files at most)."""
+    phase = G._phases()["samplers"]
+    assert phase.extra and phase.budget_s <= 150
+    ctx = G.Ctx(out=tmp_path / "out", work=tmp_path / "work", args=argparse.Namespace(smoke=True))
+    (argv,) = phase.steps(ctx)
+    assert argv[1:3] == ["-m", "benchmarks.bench_unet"] and "tiny" in argv
+    assert argv[argv.index("--backends") + 1] == ",".join(G.DIFFUSION_BACKENDS)
+    ctx.out.mkdir()
+    (ctx.out / "kernels.json").write_text(json.dumps({"bench_norms": {"rows": [1]}}))
+    (ctx.work / "samplers").mkdir(parents=True)
+    (ctx.work / "samplers" / "bench_unet.json").write_text(json.dumps({"rows": [{"backend": "graphs"}]}))
+    phase.collect(ctx)
+    got = json.loads((ctx.out / "kernels.json").read_text())
+    assert got == {"bench_norms": {"rows": [1]}, "bench_unet": {"rows": [{"backend": "graphs"}]}}
