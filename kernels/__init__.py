@@ -53,10 +53,8 @@ else:
     import types
 
     from .dispatch import (__all__, append_attention, backend, decode_attention,  # noqa: F401
-                           dream_projection, exponential_sample, rmsnorm, rope_cos_sin, set_backend,
-                           silu_and_mul)
-    from .dispatch import quant_linear  # noqa: F401
-    from .dispatch import group_norm  # noqa: F401
+                           dream_projection, exponential_sample, group_norm, quant_linear, rmsnorm,
+                           rope_cos_sin, set_backend, silu_and_mul)
 
     _PUBLIC = {name: globals()[name] for name in __all__}
 
