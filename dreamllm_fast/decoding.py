@@ -1,16 +1,24 @@
 """`DecodeLoop`: the one decode loop of the project, for one sequence (the pipeline) or many (a server).
 
 The loop owns a set of sequences. Each holds its backend session, sampling settings and seed, stop
-and pause ids, token budget, incremental detokenizer and the ids it generated. `step()` runs one
-batched decode step over every running sequence and returns `Event`s:
+and pause ids, stop strings, token budget, incremental detokenizer and the ids it generated.
+`step()` runs one batched decode step over every running sequence and returns `Event`s:
 
     Event(seq, "token", token, text)         a token was appended; `text` is its new text ("" if held)
     Event(seq, "pause", token, text)         a pause id (e.g. <dream_start>): the sequence left the
                                              batch; its owner runs the branch, then `resume(seq, logits)`
                                              or `finish(seq)`. `text` flushes the segment.
-    Event(seq, "finish", token, text, reason)  done: "stop" (a stop id), "length" (token budget),
-                                             "context" (context end); `token` is None when the budget
-                                             ran out on a resume. `text` flushes the segment.
+    Event(seq, "finish", token, text, reason)  done: "stop" (a stop id or a stop string), "length"
+                                             (token budget), "context" (context end); `token` is None
+                                             when the budget ran out on a resume. `text` flushes the
+                                             segment.
+
+Text is final when it leaves the loop: it went through the sequence's stop strings
+(detokenize.StopStrings), which hold back text that could start one and end the sequence at the
+token that completes one, with reason "stop" and the text before the stop string; a stop string
+found in a pause's flushed text ends the sequence instead of pausing it; a segment's held-back text
+comes with its pause (a stop string never spans an image). So every owner (the pipeline, both
+servers) sees the same text and the same last token.
 
 Between steps the owner may `add` sequences (prefilled sessions with their last logits), `resume`
 paused ones and `finish` (cancel) any; the loop rebuilds the backend's decode batch when the set of
@@ -38,7 +46,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .devices import device_failed
-from .detokenize import IncrementalDetokenizer, tokenizer_info
+from .detokenize import IncrementalDetokenizer, StopStrings, tokenizer_info
 from .errors import InvalidInputError
 from .sampling import SamplingParams, SamplingRows, sample_next
 
@@ -53,17 +61,19 @@ class State(str, enum.Enum):
 class Sequence:
     """One generation: a session plus everything the loop tracks about it."""
 
-    __slots__ = ("session", "params", "seed", "stop_ids", "pause_ids", "max_new_tokens", "detok",
-                 "token_ids", "cached", "state", "finish_reason", "tag", "logits", "error",
+    __slots__ = ("session", "params", "seed", "stop_ids", "pause_ids", "stops", "max_new_tokens",
+                 "detok", "token_ids", "cached", "state", "finish_reason", "tag", "logits", "error",
                  "_pending")
 
     def __init__(self, session, params: SamplingParams, seed: int, stop_ids: Iterable[int],
-                 pause_ids: Iterable[int], max_new_tokens: int, detok, tag: Any = None):
+                 pause_ids: Iterable[int], max_new_tokens: int, detok, tag: Any = None,
+                 stop_strings: Optional[StopStrings] = None):
         self.session = session
         self.params = params
         self.seed = int(seed)
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.pause_ids = frozenset(int(i) for i in pause_ids)
+        self.stops = stop_strings if stop_strings is not None and stop_strings.stops else None
         self.max_new_tokens = int(max_new_tokens)
         self.detok = detok
         self.token_ids: list[int] = []  # every accepted id: text, pause and stop ids
@@ -78,6 +88,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.state is State.FINISHED
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """`text` through the stop strings: (what may be shown, whether one was completed)."""
+        if self.stops is None or not text:
+            return text, False
+        return self.stops.feed(text)
 
 
 class Event:
@@ -116,15 +132,18 @@ class DecodeLoop:
 
     # -- membership ---------------------------------------------------------------------------
     def add(self, session, logits: torch.Tensor, params: SamplingParams, seed: int = 0,
-            stop_ids: Iterable[int] = (), pause_ids: Iterable[int] = (), tag: Any = None) -> Sequence:
+            stop_ids: Iterable[int] = (), pause_ids: Iterable[int] = (), tag: Any = None,
+            stop_strings: Iterable[str] = ()) -> Sequence:
         """A prefilled session joins; its first token is drawn from `logits` [V] at the next step.
 
         seed: the request's Philox key (`sampling.draw_seed`; ignored when greedy).
+        stop_strings: texts that end the sequence where they appear (OpenAI's `stop`); neither
+        they nor anything after them is returned.
         """
         if logits.dim() != 1:
             raise InvalidInputError(f"add() takes the last position's logits [V], got {list(logits.shape)}")
         seq = Sequence(session, params, seed, stop_ids, pause_ids, params.max_new_tokens,
-                       IncrementalDetokenizer(self.info), tag)
+                       IncrementalDetokenizer(self.info), tag, StopStrings(stop_strings))
         if self.record_logits:
             seq.logits = []
         seq._pending = logits
@@ -142,7 +161,8 @@ class DecodeLoop:
         seq.state = State.WAITING
 
     def finish(self, seq: Sequence, reason: str = "cancelled") -> None:
-        """End a sequence from outside (cancel, or a declined pause). When it is in the running
+        """End a sequence from outside (cancel, or a declined pause: text its stop strings still
+        hold is dropped; a pause has flushed it already). When it is in the running
         batch, the batch is drained first, so its session is committed and free to use or close;
         events of other sequences produced by the drain come with the next `step()` (see
         `has_events`: the drained sequences may all have finished, leaving none running)."""
@@ -368,20 +388,32 @@ class DecodeLoop:
         elif tok in s.pause_ids:
             self._end(s, State.PAUSED, tok, events, None)
         else:
-            text = s.detok.add(tok)
-            if s.cached >= self.max_len:
+            text, hit = s.cut(s.detok.add(tok))
+            if hit:  # a stop string: the text before it is the last
+                self._end(s, State.FINISHED, tok, events, "stop", text, stopped=True)
+            elif s.cached >= self.max_len:
                 self._end(s, State.FINISHED, tok, events, "context", text)
             elif len(s.token_ids) >= s.max_new_tokens:
                 self._end(s, State.FINISHED, tok, events, "length", text)
             else:
                 events.append(Event(s, "token", tok, text))
 
-    def _end(self, s: Sequence, state: State, tok, events: list, reason, text: str = "") -> None:
+    def _end(self, s: Sequence, state: State, tok, events: list, reason, text: str = "",
+             stopped: bool = False) -> None:
+        """The segment ends (pause or finish): its held text is flushed through the stop strings;
+        one found there ends the sequence ("stop") instead. `stopped`: a stop string already did."""
         was_running = s.state is State.RUNNING
+        if not stopped:
+            tail, hit = s.cut(s.detok.flush())
+            text += tail
+            if hit:
+                state, reason = State.FINISHED, "stop"
+            elif s.stops is not None:
+                text += s.stops.flush()
         s.state = state
         s.finish_reason = reason
         kind = "pause" if state is State.PAUSED else "finish"
-        events.append(Event(s, kind, tok, text + s.detok.flush(), reason))
+        events.append(Event(s, kind, tok, text, reason))
         if was_running and self._batch is not None:
             self._dirty = True
 

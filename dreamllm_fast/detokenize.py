@@ -21,10 +21,16 @@ How (the prefix/read-offset window of streaming detokenizers, e.g. vLLM's and TG
   decode (it is just appended) and one decode of the run when it closes: amortized constant work.
 - `flush` emits whatever is held, even an incomplete byte sequence: the non-streamed text equals the
   full decode (a reply ending mid-character used to lose its tail).
+
+`StopStrings` then cuts that stream at the first stop string (OpenAI's `stop`): the decode loop
+(dreamllm_fast/decoding.py) runs every sequence's text through its own.
 """
 from __future__ import annotations
 
 import re
+from typing import Iterable, Union
+
+from .errors import InvalidInputError
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -143,3 +149,45 @@ def stream_decode(tokenizer, ids) -> list[str]:
     pieces = [d.add(int(i)) for i in ids]
     pieces.append(d.flush())
     return pieces
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back text that could start one.
+
+    feed(piece) -> (text safe to show now, stopped); flush() -> the held-back rest (at the end of
+    the text, or of a segment: a stop string never spans an image). The stop string itself and
+    everything after it are never returned (OpenAI's behaviour). Empty strings are ignored.
+    """
+
+    __slots__ = ("stops", "_hold", "_buf", "stopped")
+
+    def __init__(self, stops: Union[str, Iterable[str], None]):
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str):
+            stops = (stops,)
+        if not isinstance(stops, (list, tuple, set, frozenset)) or not all(isinstance(x, str) for x in stops):
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {stops!r}")
+        self.stops = sorted({x for x in stops if x})  # sorted: the same cut whatever the order
+        self._hold = max((len(x) for x in self.stops), default=1) - 1
+        self._buf = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return piece, False
+        self._buf += piece
+        cut = min((i for i in (self._buf.find(x) for x in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self._buf, self.stopped = self._buf[:cut], "", True
+            return out, True
+        keep = self._hold
+        out = self._buf[:-keep] if keep else self._buf
+        self._buf = self._buf[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._buf = ("" if self.stopped else self._buf), ""
+        return out

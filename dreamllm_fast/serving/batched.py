@@ -13,8 +13,8 @@ checks them first, exactly as the sequential scheduler does). Every iteration of
    dream branches, image feedback, conditions: work.py `Prefill`): a long prompt takes one chunk
    per iteration, so every running sequence gets a token between two of its chunks;
 4. ONE batched decode step over every running sequence through the project's one `DecodeLoop`
-   (per-row sampling settings and Philox seeds); text streams through each request's handle with
-   its stop strings applied; a `<dream_start>` pauses the sequence (it leaves the batch) and starts
+   (per-row sampling settings and Philox seeds); text streams through each request's handle (the
+   loop applies stop strings); a `<dream_start>` pauses the sequence (it leaves the batch) and starts
    its dream branch;
 5. ONE U-Net step (serving/image_steps.py) over every image being drawn (`diffusion.denoise_step`: per-job timesteps,
    guidance scales and generators, [uncond; cond] rows), so text keeps streaming while images
@@ -236,19 +236,20 @@ class BatchedScheduler(Admission, PrefillPasses, ImageSteps, Outcomes, WorkerSch
                 tokens += 1
                 got.append((c.req.handle.request_id, c.index))
             if ev.kind == "finish":  # the last text rides on ChoiceDone
-                self._complete(c, None, ev.text)
-            elif ev.text and c.text(ev.text):  # a stop string: the choice ends here
-                self._finish_seq(c, "stop")
-            elif ev.kind == "pause":
+                self._complete(c, "stop" if ev.reason == "stop" else None, ev.text)
+                continue
+            c.emit(ev.text)
+            if ev.kind == "pause":
                 self._pause(c)
         self._rate.add(tokens)
         self._observe("decode", got)
 
     def _finish_seq(self, c: Choice, reason: str) -> None:
+        """End a paused sequence the scheduler declines to resume (`reason`: why)."""
         seq = c.seq
         self._loop_call(lambda: self.loop.finish(seq, reason))
         if not c.done:
-            self._complete(c, "stop" if reason == "stop" else None)
+            self._complete(c, None)
 
     # -- stats ------------------------------------------------------------------------------------
     def kv_slots(self) -> tuple[int, int]:

@@ -25,7 +25,6 @@ class ImageSteps:
 
     def _pause(self, c: Choice) -> None:
         """`<dream_start>`: the sequence left the batch; draw its image unless it may not."""
-        c.flush()  # a stop string cannot span an image
         pipe, r = self._pipe, c.req
         Q, P = pipe.model.dream_queries.shape[0], pipe.config.vision.num_patches
         if c.images >= r.request.image.max_images:
@@ -120,4 +119,5 @@ class ImageSteps:
         params = type(sp)(max_new_tokens=left, do_sample=sp.do_sample, temperature=sp.temperature,
                           top_k=sp.top_k, top_p=sp.top_p)
         c.seq = self.loop.add(c.session, logits, params, c.philox, stop_ids=self._stops[r.kind],
-                              pause_ids=(self._pipe.special.dream_start,), tag=c)
+                              pause_ids=(self._pipe.special.dream_start,), tag=c,
+                              stop_strings=r.request.stop)

@@ -18,13 +18,11 @@ class Outcomes:
     """The ending methods of `BatchedScheduler` (its state is declared in its __init__)."""
 
     def _complete(self, c: Choice, reason: Optional[str], last: str = "") -> None:
-        """A choice is done: ChoiceDone with its last text (`last` through its stop strings, and
-        what they held back), and its slot back at once."""
+        """A choice is done: ChoiceDone with its last text (`last`: the decode loop's final piece,
+        stop strings applied), and its slot back at once. reason None: "stop" when the last id is
+        a stop id, else "length"."""
         if c.done:
             return
-        text, hit = c.final_text(last)
-        if hit:
-            reason = "stop"
         ids = c.token_ids()
         if reason is None:  # as the sequential scheduler reports it: a stop id, or a limit
             sp = self._pipe.special
@@ -32,7 +30,7 @@ class Outcomes:
         r = c.req
         self._count("generated_tokens", len(ids))
         self._count("prompt_tokens", r.handle.prompt_tokens)
-        r.handle.emit(ChoiceDone(c.index, reason, len(ids), text))
+        r.handle.emit(ChoiceDone(c.index, reason, len(ids), last))
         self._release(c)
         if all(x.done for x in r.choices):
             self._end(r, "ok")

@@ -75,7 +75,7 @@ class PrefillPasses:
         c.seq = self.loop.add(c.session, logits, r.request.sampling, c.philox,
                               stop_ids=self._stops[r.kind],
                               pause_ids=(self._pipe.special.dream_start,) if r.kind == "interleaved" else (),
-                              tag=c)
+                              tag=c, stop_strings=r.request.stop)
         c.phase = "decode"
 
     def _negative_done(self, p: Prefill, cond: torch.Tensor) -> None:

@@ -4,7 +4,8 @@ The HTTP layer (app.py) knows nothing about sessions, KV slots or batching. It t
 request into a `GenerationRequest`, hands it to `Scheduler.submit`, and reads the returned
 `RequestHandle` as an async stream of events until it ends:
 
-    TextDelta(index, text)            a piece of choice `index`'s text (already stop-string safe)
+    TextDelta(index, text)            a piece of choice `index`'s text (stop strings applied by the
+                                      decode loop, dreamllm_fast/decoding.py)
     ImageResult(index, image)         a whole PIL image of choice `index` (interleaved or images)
     ChoiceDone(index, finish_reason, completion_tokens, text)   choice `index` is complete;
                                       `text`: its last piece, if any (streamed with the
@@ -12,9 +13,9 @@ request into a `GenerationRequest`, hands it to `Scheduler.submit`, and reads th
     RequestFailed(error)              the whole request failed; nothing follows
 
 Two schedulers implement it: `SequentialScheduler` (sequential.py: one request at a time through
-`DreamLLMPipeline`, the baseline) and, once the batched decode loop lands, a continuous-batching
-one. Both share `RequestHandle` (the thread-to-asyncio event channel), `StopStrings` and
-`SchedulerStats` from this module, so the HTTP layer and /metrics cannot tell them apart.
+`DreamLLMPipeline`, the baseline) and `BatchedScheduler` (batched.py: continuous batching). Both
+share `RequestHandle` (the thread-to-asyncio event channel) and `SchedulerStats` from this module,
+and the worker lifecycle of worker.py, so the HTTP layer and /metrics cannot tell them apart.
 
 Contract every scheduler keeps:
 - `submit` validates everything it can before queueing (prompt length against the context,
@@ -181,40 +182,6 @@ class RequestHandle:
             yield ev
 
 
-# -- stop strings ----------------------------------------------------------------------------------
-class StopStrings:
-    """Cuts streamed text at the first stop string, holding back text that could start one.
-
-    feed(piece) -> (text safe to emit now, stopped); flush() -> the held-back rest at the end.
-    The stop string itself is never emitted (OpenAI's behaviour).
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
-        self._buf = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        if not self.stops:
-            return piece, False
-        self._buf += piece
-        cut = min((i for i in (self._buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._buf, self.stopped = self._buf[:cut], "", True
-            return out, True
-        keep = self._hold
-        out = self._buf[:-keep] if keep else self._buf
-        self._buf = self._buf[len(out):]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._buf = ("" if self.stopped else self._buf), ""
-        return out
-
-
 # -- stats -----------------------------------------------------------------------------------------
 @dataclass
 class SchedulerStats:
@@ -240,15 +207,6 @@ class Health:
     ready: bool
     detail: str
     failed: bool = False  # loading failed: this replica will never be ready (replace it)
-
-
-def emit_text(handle: "RequestHandle", i: int, stop: StopStrings, piece: Optional[str] = None) -> bool:
-    """Choice i's text through its stop strings: `piece` fed (True when a stop string ended the
-    choice), or with no piece the held-back tail flushed. What may be shown is emitted."""
-    out, hit = stop.feed(piece) if piece is not None else (stop.flush(), False)
-    if out:
-        handle.emit(TextDelta(i, out))
-    return hit
 
 
 class Scheduler(abc.ABC):

@@ -23,7 +23,7 @@ import torch
 from ..devices import device_failed
 from ..errors import InvalidInputError
 from .scheduler import (ChoiceDone, GenerationRequest, Health, ImageResult, RequestFailed,
-                        RequestHandle, SchedulerStats, StopStrings, emit_text)
+                        RequestHandle, SchedulerStats, TextDelta)
 from .admission import prepare_request
 from .worker import WorkerScheduler
 
@@ -126,8 +126,9 @@ class SequentialScheduler(WorkerScheduler):
     def _finish(self, pipe, handle, i: int, reason: Optional[str]) -> None:
         ids = pipe.last_token_ids()
         sp = pipe.special
-        if reason is None:  # the walk ended on its own: a stop token, or the token/context limit
-            reason = "stop" if ids and ids[-1] in (sp.eos, sp.bos, sp.dream_start) else "length"
+        if reason is None:  # the walk ended on its own: a stop token or string, or a limit
+            stopped = pipe.last_finish_reason() == "stop" or (ids and ids[-1] in (sp.eos, sp.bos, sp.dream_start))
+            reason = "stop" if stopped else "length"
         self._counters_tokens(len(ids), handle.prompt_tokens)
         handle.emit(ChoiceDone(i, reason, len(ids)))
 
@@ -138,33 +139,29 @@ class SequentialScheduler(WorkerScheduler):
 
     def _run_chat(self, pipe, handle, i, g) -> None:
         req, sp = handle.request, handle.request.sampling
-        stop = StopStrings(req.stop)
         it = pipe.chat(req.messages, max_new_tokens=sp.max_new_tokens, do_sample=sp.do_sample,
                        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, stream=True,
-                       generator=g)
+                       generator=g, stop=req.stop)  # the decode loop applies the stop strings
         reason = None
         try:
             for piece in it:
-                if emit_text(handle, i, stop, piece):
-                    reason = "stop"
-                    break
+                if piece:
+                    handle.emit(TextDelta(i, piece))
                 if handle.cancelled:
                     reason = "cancelled"
                     break
         finally:
             it.close()  # closes the session: its KV slot is free before the next request
-        emit_text(handle, i, stop)
         self._finish(pipe, handle, i, reason)
 
     def _run_completion(self, pipe, handle, i, g) -> None:
         req, sp = handle.request, handle.request.sampling
         doc = pipe.complete(req.content, max_new_tokens=sp.max_new_tokens, max_images=0,
                             do_sample=sp.do_sample, temperature=sp.temperature, top_p=sp.top_p,
-                            top_k=sp.top_k, generator=g)
-        stop = StopStrings(req.stop)
-        reason = "stop" if doc and emit_text(handle, i, stop, doc[0]) else None
-        emit_text(handle, i, stop)
-        self._finish(pipe, handle, i, reason)
+                            top_k=sp.top_k, generator=g, stop=req.stop)
+        if doc and doc[0]:
+            handle.emit(TextDelta(i, doc[0]))
+        self._finish(pipe, handle, i, None)
 
     def _run_interleaved(self, pipe, handle, i, g) -> None:
         req, sp, o = handle.request, handle.request.sampling, handle.request.image
@@ -172,20 +169,15 @@ class SequentialScheduler(WorkerScheduler):
                             num_inference_steps=o.num_inference_steps,
                             guidance_scale=o.guidance_scale, negative_prompt=o.negative_prompt,
                             do_sample=sp.do_sample, temperature=sp.temperature, top_p=sp.top_p,
-                            top_k=sp.top_k, generator=g, sampler=o.sampler)
-        stop = StopStrings(req.stop)
-        reason = None
+                            top_k=sp.top_k, generator=g, sampler=o.sampler, stop=req.stop)
         for item in doc:
             if isinstance(item, str):
-                if emit_text(handle, i, stop, item):
-                    reason = "stop"
-                    break
+                if item:
+                    handle.emit(TextDelta(i, item))
             else:
-                emit_text(handle, i, stop)  # a stop string cannot span an image
                 handle.emit(ImageResult(i, item))
                 self._count("images")
-        emit_text(handle, i, stop)
-        self._finish(pipe, handle, i, reason)
+        self._finish(pipe, handle, i, None)
 
     def _run_image(self, pipe, handle, i, g) -> None:
         req, o = handle.request, handle.request.image

@@ -3,7 +3,7 @@
 - `Request`: one RequestHandle's work: its prompt embeddings (computed once for all choices), the
   condition of its negative prompt, its KV sessions, and its choices.
 - `Choice`: one choice of a request: a sequence in the decode loop (chat, interleaved) or an image
-  (text-to-image), with its own generator, stop strings and phase
+  (text-to-image), with its own generator and phase
   (pending -> prefill -> decode [-> dream -> diffuse -> feedback -> decode]* -> done).
 - `Prefill`: a multi-token pass into one session (a prompt, a dream branch, an image fed back, a
   condition), cut into pieces of at most `chunk` tokens that the worker runs one per iteration.
@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .scheduler import StopStrings, emit_text
+from .scheduler import TextDelta
 
 
 class Request:
@@ -63,7 +63,6 @@ class Choice:
         self.philox = 0  # the sequence's sampling key, drawn from the generator (0: greedy)
         self.session = None
         self.seq = None  # its decoding.Sequence
-        self.stop = StopStrings(req.request.stop)
         self.phase = "pending"
         self.images = 0  # images drawn so far (interleaved)
         self.prior: list[int] = []  # ids of a sequence the loop dropped in a reset (see rejoin)
@@ -74,19 +73,11 @@ class Choice:
     def active(self) -> bool:
         return self.phase not in ("pending", "done")
 
-    def text(self, piece: str) -> bool:
-        """Stream a piece through the stop strings; True when one was hit (the choice ends)."""
-        return emit_text(self.req.handle, self.index, self.stop, piece)
-
-    def flush(self) -> None:
-        emit_text(self.req.handle, self.index, self.stop)
-
-    def final_text(self, piece: str = "") -> tuple[str, bool]:
-        """The choice's last text, not emitted (it rides on ChoiceDone, as vLLM's last chunk
-        carries the last piece): `piece` through the stop strings, then the held-back tail.
-        Returns (text, whether a stop string ended it)."""
-        out, hit = self.stop.feed(piece) if piece else ("", False)
-        return out + ("" if hit else self.stop.flush()), hit
+    def emit(self, text: str) -> None:
+        """Stream a piece of this choice's text (already through its stop strings: the decode
+        loop applies them)."""
+        if text:
+            self.req.handle.emit(TextDelta(self.index, text))
 
     def token_ids(self) -> list[int]:
         return self.prior + (list(self.seq.token_ids) if self.seq is not None else [])

@@ -19,7 +19,7 @@ from serving_helpers import GatedPipeline, LiveServer, wait_until  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import (GenerationRequest, RequestHandle, SequentialScheduler,  # noqa: E402
                                    ServeConfig, TextDelta, create_app)
-from dreamllm_fast.serving.scheduler import StopStrings  # noqa: E402
+from dreamllm_fast.detokenize import StopStrings  # noqa: E402
 from dreamllm_fast.serving.worker import RateMeter  # noqa: E402
 
 MODEL = "tiny"
