@@ -128,9 +128,9 @@ def run(ctx: int = 2048, plants: bool = True, real: bool = False, weights: str =
         model = report.pop("_model")
         if not real:
             report["launches per step"] = {
-                "decode batch 1 (logits)": count_launches(lambda: model._step(1, "logits")),
-                "decode loop batch 1 (greedy)": count_launches(lambda: model._step(1, "greedy")),
-                "decode loop batch 1 (sample)": count_launches(lambda: model._step(1, "sample")),
+                "decode batch 1 (logits)": count_launches(lambda: model.decoder.step(1, "logits")),
+                "decode loop batch 1 (greedy)": count_launches(lambda: model.decoder.step(1, "greedy")),
+                "decode loop batch 1 (sample)": count_launches(lambda: model.decoder.step(1, "sample")),
                 "prefill bucket 832": count_launches(model.prefill._step(832)),
             }
             if plants:
@@ -161,13 +161,13 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
     with stage(f"prefill 1 image + 512 tokens ({prompt.shape[0]} positions)"):
         shapes["prefill logits"] = list(s.extend(prompt).shape)
     s2.extend(text[:9])
-    for bs in model.graphs.sizes:
+    for bs in model.decoder.graphs.sizes:
         with stage(f"decode batch {bs}"):
             out = model.extend_batch([s, s2][:bs], [model.embed_tokens([7])] * bs)
         shapes[f"decode logits batch {bs}"] = list(out.shape)
         for mode in ("greedy", "sample"):  # the decode loop's self-advancing steps (padding rows)
             with stage(f"decode loop step batch {bs} ({mode})"):
-                backend.replay(model.graphs.graphs[(bs, mode)])
+                backend.replay(model.decoder.graphs.graphs[(bs, mode)])
     with stage("dream branch (65 rows)"):
         cond = s.extend_dream(torch.cat([model.embed_tokens([sp.dream_start]), model.dream_queries]),
                               list(range(1, Q + 1)))
@@ -207,16 +207,16 @@ def _stages(cfg, ec, dev, bf16, backend, mem, stage, EngineModel) -> dict:
     return {
         "config": {"preset": cfg.name, "ctx": ec.max_seq, "dtype": "bf16", "weights": ec.weights.value,
                    "max_batch": ec.max_batch, "decode_read_bytes": w.decode_read_bytes(),
-                   "prefill_buckets": list(ec.prefill_buckets), "decode_sizes": model.graphs.sizes},
+                   "prefill_buckets": list(ec.prefill_buckets), "decode_sizes": model.decoder.graphs.sizes},
         "weights_bytes": weights,
         "kv_cache_bytes": {"total": c.nbytes, "live slots": c.num_slots * per_slot,
                            "scratch + tail": c.nbytes - c.num_slots * per_slot,
                            "scratch_positions": c.scratch_len},
         "graph_pool_bytes": backend.pool_bytes(),
-        "graphs": {"captured": len(model.prefill.graphs) + len(model.graphs.graphs),
+        "graphs": {"captured": len(model.prefill.graphs) + len(model.decoder.graphs.graphs),
                    "replayed in the stages": getattr(backend, "replays", 0) - replays,
-                   "prefill buckets": len(model.prefill.graphs), "decode sizes": len(model.graphs.sizes),
-                   "decode graphs": len(model.graphs.graphs)},  # (size, mode): logits, greedy, sample
+                   "prefill buckets": len(model.prefill.graphs), "decode sizes": len(model.decoder.graphs.sizes),
+                   "decode graphs": len(model.decoder.graphs.graphs)},  # (size, mode): logits, greedy, sample
         "stages": stage.rows, "shapes": shapes,
         "peak_tracked_bytes": peak, "untracked_allowance_bytes": UNTRACKED_ALLOWANCE,
         "peak_estimate_bytes": peak + UNTRACKED_ALLOWANCE, "bound_bytes": MEMORY_BOUNDS[ec.weights.value],
@@ -245,7 +245,7 @@ def _plants(model, backend) -> dict:
     def sync(orig):
         return lambda x, *a, **k: (torch.cuda.synchronize(), orig(x, *a, **k))[1]
 
-    decode = lambda: model._step(1, "sample")  # noqa: E731  (the loop's step: decoder + sampling)
+    decode = lambda: model.decoder.step(1, "sample")  # noqa: E731  (the loop's step: decoder + sampling)
     prefill = model.prefill._step(model.prefill.buckets[0])
     cases = {
         ".item() in the decode step": ("rmsnorm", item, decode),

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..engine.decode import EngineDecoder
+
 
 @dataclass
 class ScenarioResult:
@@ -46,15 +48,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def graphs_disabled(model):
     """Run every engine step eagerly (same bucketed shapes) inside the block: graph == eager
     checks. A backend without graphs (the reference) runs as it is."""
-    if not hasattr(model, "graphs"):
+    if not isinstance(getattr(model, "decoder", None), EngineDecoder):
         yield
         return
-    saved, use = model.graphs, model.prefill.use_graphs
-    model.graphs, model.prefill.use_graphs = None, False
+    saved, use = model.decoder.graphs, model.prefill.use_graphs
+    model.decoder.graphs, model.prefill.use_graphs = None, False
     try:
         yield
     finally:
-        model.graphs, model.prefill.use_graphs = saved, use
+        model.decoder.graphs, model.prefill.use_graphs = saved, use
 
 
 def _eager(model):

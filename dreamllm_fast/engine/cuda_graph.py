@@ -1,7 +1,7 @@
 """`CudaGraphRunner`: captured decode steps at a few batch sizes (after SGLang's runner).
 
-Two kinds of step share the runner, each over its own static inputs (`DecodeBuffers`), so one can
-never clobber the other's state:
+Two kinds of step share the runner, each over its own static inputs (`engine/decode.py:
+DecodeBuffers`), so one can never clobber the other's state:
 
 - mode "logits": `session.extend` of one token per session (the bench's forward-only figure, the
   parity tests): embeds [B, H] + cache lengths + slots -> fp32 logits [B, V]. A call:
@@ -21,7 +21,8 @@ scratch, so the graph sees no first-call work). Warm-up, capture and replay go t
 backend of engine/graphs.py (`warmup(fn)`, `capture(fn) -> (graph, out)`, `replay(graph)`,
 `synchronize()`), shared with the prefill graphs so that every graph lands in one pool:
 `CudaGraphs` by default; `StandInGraphs` re-runs the step at replay, so the whole runner runs on
-the CPU and on fake CUDA tensors (tests/decoding/test_engine_loop.py, devtools/check7b.py). Padding rows carry zero embeddings / id 0, length 0,
+the CPU and on fake CUDA tensors (tests/decoding/test_engine_loop.py, devtools/check7b.py).
+Padding rows carry zero embeddings / id 0, length 0,
 inc 0 and the cache's scratch slot, so they write only scratch K/V and never touch a live sequence.
 Outputs are views into graph memory: callers clone them before the next replay.
 """
@@ -30,12 +31,14 @@ from __future__ import annotations
 import bisect
 import time
 import warnings
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from ..sampling import SamplingRows
 from .graphs import CudaGraphs
+
+if TYPE_CHECKING:
+    from .decode import DecodeBuffers
 
 CAPTURE_REMEDIES = (
     "remedies: (1) pass EngineConfig(use_cuda_graphs=False) to decode eagerly (same numbers, more "
@@ -49,50 +52,14 @@ MODES = ("logits", "greedy", "sample")
 OPTIONAL_MODES = ("sample",)
 
 
-class DecodeBuffers:
-    """Static inputs of the decode steps, `capacity` rows (the largest batch)."""
-
-    def __init__(self, capacity: int, hidden_size: int, scratch_slot: int, device, dtype):
-        self.capacity = capacity
-        self.scratch_slot = scratch_slot
-        d = dict(device=device)
-        # mode "logits"
-        self.embeds = torch.zeros(capacity, hidden_size, dtype=dtype, **d)
-        self.cache_lens = torch.zeros(capacity, dtype=torch.int32, **d)
-        self.slot_ids = torch.full((capacity,), scratch_slot, dtype=torch.int32, **d)
-        # modes "greedy" / "sample" (the decode loop's batch)
-        self.ids = torch.zeros(capacity, dtype=torch.int64, **d)
-        self.step_lens = torch.zeros(capacity, dtype=torch.int32, **d)
-        self.step_slots = torch.full((capacity,), scratch_slot, dtype=torch.int32, **d)
-        self.inc = torch.zeros(capacity, dtype=torch.int32, **d)
-        self.rows = SamplingRows(capacity, device)
-
-    def reset(self) -> None:
-        """Safe values everywhere: every row is padding (length 0, scratch slot, no advance)."""
-        self.embeds.zero_()
-        self.cache_lens.zero_()
-        self.slot_ids.fill_(self.scratch_slot)
-        self.ids.zero_()
-        self.step_lens.zero_()
-        self.step_slots.fill_(self.scratch_slot)
-        self.inc.zero_()
-        self.rows.set([], [])
-
-    def pointers(self) -> tuple:
-        r = self.rows
-        return tuple(t.data_ptr() for t in (self.embeds, self.cache_lens, self.slot_ids, self.ids,
-                                            self.step_lens, self.step_slots, self.inc, r.temperature,
-                                            r.top_k, r.top_p, r.greedy, r.seeds))
-
-
 StepFn = Callable[[int, str], torch.Tensor]  # (rows, mode) -> logits [rows, V], reads DecodeBuffers
 
 
 class CudaGraphRunner:
     """Captured `step_fn(bs, mode)` for every capture size and mode (see the module docstring)."""
 
-    def __init__(self, step_fn: StepFn, buffers: DecodeBuffers, capture_sizes: Sequence[int],
-                 device, modes: Sequence[str] = MODES, debug: bool = False, backend=None):
+    def __init__(self, step_fn: StepFn, buffers: "DecodeBuffers", capture_sizes: Sequence[int],
+                 device, modes: Sequence[str] = MODES, backend=None):
         self.step_fn = step_fn
         self.backend = backend  # engine.graphs backend; None: real CUDA graphs (CudaGraphs) at capture
         self.bufs = buffers
@@ -103,12 +70,9 @@ class CudaGraphRunner:
         self.max_bs = self.sizes[-1]
         self.modes = tuple(modes)
         self.device = torch.device(device)
-        self.debug = debug
         self.graphs: dict[tuple[int, str], object] = {}
-        self.step_outputs: dict[tuple[int, str], torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # mode "logits" by size (tests poison these)
+        self.step_outputs: dict[tuple[int, str], torch.Tensor] = {}  # views of graph memory
         self.skipped: dict[str, str] = {}  # optional modes whose capture failed -> reason
-        self._ptrs = None
         self.capture_seconds = 0.0
 
     @torch.no_grad()
@@ -141,12 +105,8 @@ class CudaGraphRunner:
                         f"({why}); {CAPTURE_REMEDIES}") from e
                 self.graphs[(bs, mode)] = g
                 self.step_outputs[(bs, mode)] = out
-                if mode == "logits":
-                    self.outputs[bs] = out
         self.bufs.reset()
         self.backend.synchronize()
-        if self.debug:  # (fake tensors have no data pointers: read them only when asked)
-            self._ptrs = self.bufs.pointers()
         self.capture_seconds = time.perf_counter() - t0
 
     def padded_size(self, bs: int) -> int:
@@ -172,7 +132,5 @@ class CudaGraphRunner:
 
     def replay(self, bs: int, padded: int, mode: str = "logits") -> torch.Tensor:
         """Replays the (padded, mode) graph; returns a view of its first `bs` logits rows."""
-        if self.debug:
-            assert self.bufs.pointers() == self._ptrs, "static input buffers moved since capture"
         self.backend.replay(self.graphs[(padded, mode)])
         return self.step_outputs[(padded, mode)][:bs]

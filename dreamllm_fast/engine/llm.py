@@ -170,14 +170,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
-    def live(self, i: int, kv: str = "k") -> torch.Tensor:
-        """Layer i's live slots only, [num_slots, max_seq, Hkv, D] (tests poison and compare them)."""
-        return (self.k if kv == "k" else self.v)[i][:self.num_slots]
-
-    def scratch(self, i: int, kv: str = "k") -> torch.Tensor:
-        """Layer i's writable scratch positions, [scratch_len, Hkv, D]."""
-        return (self.k if kv == "k" else self.v)[i][self.scratch_slot, :self.scratch_len]
-
 
 class LlamaRunner:
     """The decoder forward over `LlamaWeights` and a `KVCache` (no host syncs on CUDA)."""

@@ -10,9 +10,10 @@
   eagerly without graphs). All graphs share one memory pool; `graph_memory` reports it.
 - `graph_backend`: real CUDA graphs by default on CUDA; `engine.graphs.StandInGraphs` runs the whole
   capture/replay path without a driver (CPU tests, fake-CUDA checks in devtools/check7b.py).
-- `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): a self-advancing step that
-  embeds the previous ids, runs the decoder, samples on the device and feeds itself (captured per
-  batch size in a greedy and a sampling variant), enqueued one step ahead of the host's reads.
+- `decode_batch` serves the decode loop (dreamllm_fast/decoding.py): `EngineDecoder` (engine/decode.py)
+  holds a self-advancing step that embeds the previous ids, runs the decoder, samples on the device
+  and feeds itself (captured per batch size in a greedy and a sampling variant), enqueued one step
+  ahead of the host's reads.
 - Weights: `EngineConfig.weights` "int8"/"fp8" stores every LLaMA linear and the LM head
   quantized per output channel (engine/llm.py, kernels/quant_linear.py); same shapes, same graphs.
 - Vision: transformers' CLIPVisionModel cut after the selected layer (the penultimate one: the
@@ -39,13 +40,11 @@ from .. import kernels as K
 from ..checkpoint import Checkpoint
 from ..modules import build_diffusion_modules, load_clip_on_device
 from ..config import EngineConfig, Precision, SpecialTokens
-from ..devices import fill_from_host
 from ..diffusion import EagerDiffusionHead
 from ..errors import ContextOverflowError, EngineBusyError, InvalidInputError
 from ..quant import check_device_supports
-from ..sampling import SamplingParams, sample_next
-from .cuda_graph import MODES, CudaGraphRunner, DecodeBuffers
-from .decode_batch import EngineDecodeBatch
+from ..sampling import SamplingParams
+from .decode import EngineDecodeBatch, EngineDecoder
 from .graphs import CudaGraphs
 from .llm import KVCache, LlamaRunner, LlamaWeights, round_up
 from .prefill import PrefillRunner, bucket_gap
@@ -120,10 +119,8 @@ class EngineModel(EagerDiffusionHead):
         self.prefill = PrefillRunner(self.llm, buckets, chunk, ec.max_batch, self.device, self.dtype)
         self._free: list[int] = list(range(ec.max_batch))[::-1]  # pop() hands out slot 0 first
         self._arange = torch.arange(self.max_len, device=self.device)  # row ids of gathered hidden rows
-        # static inputs of the decode steps (graph inputs on CUDA, the eager step's on the CPU)
-        self.bufs = DecodeBuffers(ec.max_batch, lc.hidden_size, self.cache.scratch_slot, self.device,
-                                  self.dtype)
-        self._decoding: Optional[EngineDecodeBatch] = None  # the running batch (start/end_decode)
+        # the decode steps: static buffers (graph inputs on CUDA), the step, its graphs
+        self.decoder = EngineDecoder(self.llm, ec.max_batch, self.dtype)
 
         # -- vision tower + projector ---------------------------------------------------------
         self.clip = build_clip_tower(ckpt, self.device, self.dtype)
@@ -138,7 +135,6 @@ class EngineModel(EagerDiffusionHead):
         self.unet, self.vae = build_diffusion_modules(cfg, ckpt.unet, ckpt.vae, self.device, self.dtype)
 
         # -- graphs: prefill buckets + decode steps, one pool (CUDA; the CPU runs them eagerly) --
-        self.graphs: Optional[CudaGraphRunner] = None  # the decode steps
         self.graph_backend = graph_backend
         if graph_backend is None and self.device.type == "cuda" and ec.use_cuda_graphs:
             self.graph_backend = CudaGraphs(self.device)
@@ -161,15 +157,13 @@ class EngineModel(EagerDiffusionHead):
                 emb = torch.zeros(n, self.weights.embed.shape[1], device=self.device, dtype=self.dtype)
                 self.prefill._pass([emb], [0], [self.cache.scratch_slot])
         if capture_sizes:
-            modes = MODES if self.engine_config.capture_logits_graphs else tuple(m for m in MODES if m != "logits")
-            self.graphs = CudaGraphRunner(self._step, self.bufs, capture_sizes, self.device, backend=backend,
-                                          modes=modes)
-            self.graphs.capture()
+            self.decoder.capture(capture_sizes, backend, self.engine_config.capture_logits_graphs)
         backend.synchronize()
         self.warmup_seconds = time.perf_counter() - t0
+        graphs = self.decoder.graphs
         self.graph_memory = {"pool_bytes": backend.pool_bytes(), "kv_cache_bytes": self.cache.nbytes,
                              "prefill_graphs": len(self.prefill.graphs),
-                             "decode_graphs": len(self.graphs.graphs) if self.graphs else 0}
+                             "decode_graphs": len(graphs.graphs) if graphs else 0}
         log.info("%s graphs: %d prefill buckets (%s..%s tokens) + %d decode graphs in %.1f s; shared pool "
                  "%.1f MiB; KV cache %.1f MiB", backend.name, self.graph_memory["prefill_graphs"],
                  self.prefill.buckets[0] if self.prefill.buckets else "-",
@@ -213,58 +207,15 @@ class EngineModel(EagerDiffusionHead):
         if slot not in self._free:
             self._free.append(slot)
 
-    def _meta(self, lens_q: Sequence[int], cache_lens: Sequence[int], slots: Sequence[int]):
-        """Packed metadata as int32 device tensors: (cu_seqlens [B+1], cache_lens, slots)."""
-        cu = [0]
-        for n in lens_q:
-            cu.append(cu[-1] + n)
-        dev = torch.tensor(cu + list(cache_lens) + list(slots), dtype=torch.int32).to(self.device)
-        B = len(lens_q)
-        return dev[:B + 1], dev[B + 1:2 * B + 1], dev[2 * B + 1:]
-
     def _decode(self, sessions: Sequence["EngineSession"], embeds: torch.Tensor) -> torch.Tensor:
         """One token per session: embeds [B, H] -> fp32 logits [B, V] (a copy, safe to keep)."""
-        B = embeds.shape[0]
-        lens = [s.length for s in sessions]
-        slots = [s.slot for s in sessions]
-        if self.graphs is not None and self.graphs.can_run(B):
-            padded = self.graphs.prepare(embeds.to(self.device, self.dtype), lens, slots)
-            return self.graphs.replay(B, padded).clone()  # outputs leave the graph as copies
-        _, cl, sl = self._meta([1] * B, lens, slots)
-        return self.llm.decode_step(embeds.to(self.device, self.dtype), cl, sl)
-
-    def _step(self, n: int, mode: str) -> torch.Tensor:
-        """The decode step over the first n rows of `self.bufs` (captured as is on CUDA).
-
-        "logits": embeds -> logits. "greedy" / "sample": ids -> embed -> decoder -> logits; the
-        lengths advance by `inc` (1 live, 0 padding), then the next ids are drawn at the new lengths
-        (the positions the drawn tokens will occupy) and written back into `ids`. Returns the fp32
-        logits [n, V] (graph memory on CUDA).
-        """
-        b = self.bufs
-        if mode == "logits":
-            return self.llm.decode_step(b.embeds[:n], b.cache_lens[:n], b.slot_ids[:n])
-        lens = b.step_lens[:n]
-        logits = self.llm.decode_step(F.embedding(b.ids[:n], self.weights.embed), lens, b.step_slots[:n])
-        lens.add_(b.inc[:n])
-        b.ids[:n].copy_(sample_next(logits, b.rows.view(n), lens, greedy_only=(mode == "greedy")))
-        return logits
+        return self.decoder.logits(embeds.to(self.device, self.dtype), [s.length for s in sessions],
+                                   [s.slot for s in sessions])
 
     def decode_batch(self, sessions: Sequence["EngineSession"], token_ids: Sequence[int],
                      params: Sequence[SamplingParams], seeds: Sequence[int]) -> EngineDecodeBatch:
-        """The decode loop's batch over `sessions` (see `EngineDecodeBatch`); one at a time."""
-        return EngineDecodeBatch(self, sessions, token_ids, params, seeds)
-
-    # -- the decode batch's side (dreamllm_fast/engine/decode_batch.py) ----------------------------
-    @property
-    def decoding(self) -> Optional[EngineDecodeBatch]:
-        """The decode batch running on this engine, if any (one at a time: it owns the buffers)."""
-        return self._decoding
-
-    @property
-    def decode_capacity(self) -> int:
-        """The most rows one decode batch holds (`EngineConfig.max_batch`)."""
-        return self.bufs.capacity
+        """The decode loop's batch over `sessions` (engine/decode.py); one at a time."""
+        return EngineDecodeBatch(self.decoder, sessions, token_ids, params, seeds, self.max_len)
 
     @property
     def vocab_size(self) -> int:
@@ -275,36 +226,6 @@ class EngineModel(EagerDiffusionHead):
         """Tokens per packed prefill pass: the largest prefill bucket (512 with no buckets, when any
         size runs eagerly)."""
         return self.prefill.chunk or 512
-
-    def start_decode(self, batch: EngineDecodeBatch, token_ids: Sequence[int], lengths: Sequence[int],
-                     slots: Sequence[int], params: Sequence[SamplingParams], seeds: Sequence[int],
-                     mode: str) -> tuple[int, bool]:
-        """Hand the decode buffers to `batch`: copy its rows' host state in once (padding rows step
-        the scratch slot and never advance). Returns (rows each step runs, whether it replays a
-        captured graph)."""
-        if self._decoding is not None:
-            raise EngineBusyError("a decode batch is already running on this engine")
-        b, B = self.bufs, len(token_ids)
-        graph = self.graphs is not None and self.graphs.can_run(B, mode)
-        pad = b.capacity - B
-        fill_from_host(b.ids, [int(t) for t in token_ids] + [0] * pad)
-        fill_from_host(b.step_lens, list(lengths) + [0] * pad)
-        fill_from_host(b.step_slots, list(slots) + [b.scratch_slot] * pad)
-        fill_from_host(b.inc, [1] * B + [0] * pad)
-        b.rows.set(params, seeds)
-        self._decoding = batch
-        return (self.graphs.padded_size(B) if graph else B), graph
-
-    def decode_step(self, B: int, n: int, mode: str, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One self-advancing step of the running batch: (fp32 logits [B, V], drawn ids [B]), both
-        views of static memory valid until the next step."""
-        logits = self.graphs.replay(B, n, mode) if graph else self._step(n, mode)[:B]
-        return logits, self.bufs.ids[:B]
-
-    def end_decode(self, batch: EngineDecodeBatch) -> None:
-        """`batch` lets go of the decode buffers (a no-op if it no longer holds them)."""
-        if self._decoding is batch:
-            self._decoding = None
 
     @contextlib.contextmanager
     def _guard(self, sessions: Sequence["EngineSession"], ns: Sequence[int], rows=None):

@@ -49,14 +49,14 @@ def _loop(m, tok, plans, run_ahead=True, stops=()):
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_graph_loop_equals_eager_loop(tiny_ckpt, dtype, n):
     m, tok = _engine(tiny_ckpt, dtype)
-    assert m.graphs is not None and not m.graphs.skipped, f"capture skipped: {m.graphs.skipped}"
-    assert all((s, mode) in m.graphs.graphs for s in (1, 2, 4) for mode in ("logits", "greedy", "sample"))
+    assert m.decoder.graphs is not None and not m.decoder.graphs.skipped, f"capture skipped: {m.decoder.graphs.skipped}"
+    assert all((s, mode) in m.decoder.graphs.graphs for s in (1, 2, 4) for mode in ("logits", "greedy", "sample"))
     got = _loop(m, tok, PLANS[:n])
-    saved, m.graphs = m.graphs, None
+    saved, m.decoder.graphs = m.decoder.graphs, None
     try:
         want = _loop(m, tok, PLANS[:n])
     finally:
-        m.graphs = saved
+        m.decoder.graphs = saved
     assert got == want
     assert len(set(got[-1])) > 5
 
@@ -74,21 +74,21 @@ def test_sampling_graph_outputs_and_ids_poisoned_then_rewritten(tiny_ckpt):
     m, tok = _engine(tiny_ckpt, torch.float32)
     s = m.new_session()
     s.extend(m.embed_tokens(list(range(3, 30))))
-    for out in m.graphs.step_outputs.values():
+    for out in m.decoder.graphs.step_outputs.values():
         out.fill_(float("nan"))
     sp = [PLANS[1][0]]
     b = m.decode_batch([s], [11], sp, [1234])
-    m.bufs.ids[1:].fill_(7)  # padding rows' ids: any valid id; they must not matter
+    m.decoder.bufs.ids[1:].fill_(7)  # padding rows' ids: any valid id; they must not matter
     assert b.graph and b.n == 1
     b.launch()
     got_ids, got_logits = b.result(), b.logits.clone()
     b.close([s.length])
-    saved, m.graphs = m.graphs, None
+    saved, m.decoder.graphs = m.decoder.graphs, None
     b = m.decode_batch([s], [11], sp, [1234])
     b.launch()
     want_ids, want_logits = b.result(), b.logits.clone()
     b.close([s.length])
-    m.graphs = saved
+    m.decoder.graphs = saved
     s.close()
     assert torch.isfinite(got_logits).all() and torch.equal(got_logits, want_logits)
     assert got_ids == want_ids

@@ -136,7 +136,7 @@ def test_graph_runner_on_the_cpu_with_a_stand_in_backend(parts):
 
     eng, _, tok, _ = parts
     backend = _StandInGraphs()
-    runner = CudaGraphRunner(eng._step, eng.bufs, (1, 2, 4), "cpu", backend=backend)
+    runner = CudaGraphRunner(eng.decoder.step, eng.decoder.bufs, (1, 2, 4), "cpu", backend=backend)
     runner.capture()
     assert set(runner.graphs) == {(n, m) for n in (1, 2, 4) for m in MODES}
     for out in runner.step_outputs.values():
@@ -153,19 +153,19 @@ def test_graph_runner_on_the_cpu_with_a_stand_in_backend(parts):
         padded = 0
         while not all(q.finished for q in seqs):
             loop.step()
-            b = eng.decoding
-            if eng.graphs is not None and b is not None:
+            b = eng.decoder.running
+            if eng.decoder.graphs is not None and b is not None:
                 assert b.graph and b.n == runner.padded_size(b.B)
                 padded += b.n > b.B
-                for r in range(b.B, eng.bufs.capacity):  # padding: never advances, scratch slot only
-                    assert eng.bufs.step_lens[r] == 0 and eng.bufs.step_slots[r] == eng.cache.scratch_slot
-        assert eng.graphs is None or padded > 10, "three rows should have run padded to four"
+                for r in range(b.B, eng.decoder.bufs.capacity):  # padding: never advances, scratch slot only
+                    assert eng.decoder.bufs.step_lens[r] == 0 and eng.decoder.bufs.step_slots[r] == eng.cache.scratch_slot
+        assert eng.decoder.graphs is None or padded > 10, "three rows should have run padded to four"
         loop.close()
         for s in sess:
             s.close()
         return [q.token_ids for q in seqs]
 
-    eng.graphs = runner
+    eng.decoder.graphs = runner
     try:
         got = three()
         assert backend.replays > 30
@@ -174,7 +174,7 @@ def test_graph_runner_on_the_cpu_with_a_stand_in_backend(parts):
         one = s.extend(eng.embed_tokens([7]))  # 1 token: the logits graph
         s.close()
     finally:
-        eng.graphs = None
+        eng.decoder.graphs = None
     assert got == three()
     s = eng.new_session()
     s.extend(_prompt(eng))
@@ -193,13 +193,13 @@ def test_a_failed_sampling_capture_falls_back_to_the_eager_step(parts):
             calls["sample"] += 1
             if calls["sample"] == 3:  # two warm-ups pass, the capture fails (e.g. a sort that syncs)
                 raise RuntimeError("operation not permitted when stream is capturing")
-        return eng._step(n, mode)
+        return eng.decoder.step(n, mode)
 
-    runner = CudaGraphRunner(step, eng.bufs, (1,), "cpu", backend=_StandInGraphs())
+    runner = CudaGraphRunner(step, eng.decoder.bufs, (1,), "cpu", backend=_StandInGraphs())
     with pytest.warns(UserWarning, match="'sample' decode step failed"):
         runner.capture()
     assert "sample" in runner.skipped and (1, "greedy") in runner.graphs
-    eng.graphs = runner
+    eng.decoder.graphs = runner
     s = eng.new_session()
     try:
         s.extend(_prompt(eng))
@@ -212,7 +212,7 @@ def test_a_failed_sampling_capture_falls_back_to_the_eager_step(parts):
         assert b.graph
         b.close([s.length])
     finally:
-        eng.graphs = None
+        eng.decoder.graphs = None
         s.close()
 
 
@@ -221,8 +221,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from dreamllm_fast.checkpoint import llm_expected_shapes
 from dreamllm_fast.config import DreamLLMConfig
-from dreamllm_fast.engine import EngineModel
-from dreamllm_fast.engine.cuda_graph import DecodeBuffers
+from dreamllm_fast.engine.decode import EngineDecoder
 from dreamllm_fast.engine.llm import KVCache, LlamaRunner, LlamaWeights
 from dreamllm_fast.kernels import _utils
 _utils._SM_COUNT[0] = 132  # no driver to ask: an H100's SM count
@@ -230,15 +229,13 @@ cfg = DreamLLMConfig.from_name("tiny").llm
 with FakeTensorMode():
     dev = torch.device("cuda", 0)
     state = {k: torch.randn(s, device=dev, dtype=torch.bfloat16) for k, s in llm_expected_shapes(cfg).items()}
-    m = object.__new__(EngineModel)  # just the decoder and the step's static buffers
-    m.weights = LlamaWeights(state, cfg, dev, torch.bfloat16)
-    m.cache = KVCache(cfg, 4, 256, dev, torch.bfloat16)
-    m.llm = LlamaRunner(cfg, m.weights, m.cache, dev)
-    m.bufs = DecodeBuffers(4, cfg.hidden_size, m.cache.scratch_slot, dev, torch.bfloat16)
+    weights = LlamaWeights(state, cfg, dev, torch.bfloat16)
+    llm = LlamaRunner(cfg, weights, KVCache(cfg, 4, 256, dev, torch.bfloat16), dev)
+    d = EngineDecoder(llm, 4, torch.bfloat16)  # the decode step and its static buffers
     for mode in ("logits", "greedy", "sample"):
-        logits = m._step(3, mode)
+        logits = d.step(3, mode)
         assert logits.shape == (3, cfg.vocab_size) and logits.dtype == torch.float32 and logits.is_cuda
-    assert m.bufs.ids.dtype == torch.int64 and m.bufs.ids.is_cuda
+    assert d.bufs.ids.dtype == torch.int64 and d.bufs.ids.is_cuda
 print("traced")
 """
 
@@ -274,19 +271,19 @@ def test_errors_and_misuse_leave_the_engine_usable(parts):
             eng.decode_batch([s1, s1], [5, 5], [GREEDY] * 2, [0, 0])
         with pytest.raises(InvalidInputError, match="token ids"):
             eng.decode_batch([s1], [10 ** 6], [GREEDY], [0])
-        orig = eng._step
+        orig = eng.decoder.step
 
         def boom(n, mode):
             raise RuntimeError("kernel fault")
 
-        eng._step = boom
+        eng.decoder.step = boom
         loop = DecodeLoop(eng, tok, 2048)
         loop.add(s1, s1.extend(_prompt(eng, 3)), GREEDY)
         with pytest.raises(RuntimeError, match="kernel fault"):
             for _ in range(3):
                 loop.step()
-        eng._step = orig
-        assert eng.decoding is None, "a failed step must let go of the engine"
+        eng.decoder.step = orig
+        assert eng.decoder.running is None, "a failed step must let go of the engine"
     finally:
         s1.close()
         s2.close()
@@ -312,7 +309,7 @@ def test_abort_after_a_sticky_cuda_error_still_frees_the_engine(parts, monkeypat
         with pytest.raises(RuntimeError, match="illegal memory access"):
             batch.abort()
         monkeypatch.undo()
-        assert eng.decoding is None and s.decoding is None
+        assert eng.decoder.running is None and s.decoding is None
         eng.decode_batch([s], [5], [GREEDY], [0]).abort()  # a new batch is accepted
     finally:
         s.close()

@@ -63,7 +63,7 @@ def test_greedy_helper_runs_both_backends_and_graph_switch(tiny_ckpt):
     tg, lg = greedy(eng, emb, 12, graphs=True)
     assert eng.graph_backend.replays == replays + 13  # the prompt's bucket + 12 decode steps
     te, le = greedy(eng, emb, 12, graphs=False)
-    assert eng.graph_backend.replays == replays + 13 and eng.graphs is not None, "graphs not restored"
+    assert eng.graph_backend.replays == replays + 13 and eng.decoder.graphs is not None, "graphs not restored"
     assert tr == tg == te
     assert torch.equal(lg, le)
     assert (lg - lr).abs().max().item() <= 1e-4  # fp32 engine vs HF, as tests/parity/test_engine.py

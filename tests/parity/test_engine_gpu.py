@@ -46,7 +46,7 @@ def test_tiny_fp32_chat_tokens_equal(tiny_dir):
                                            progress=False)
     ref = DreamLLMPipeline.from_pretrained(tiny_dir, device="cuda", dtype="fp32", backend="reference",
                                            progress=False)
-    assert eng.model.graphs is not None and eng.model.graphs.graphs, "decode graphs not captured"
+    assert eng.model.decoder.graphs is not None and eng.model.decoder.graphs.graphs, "decode graphs not captured"
     eng.chat(MSGS, max_new_tokens=64)
     ref.chat(MSGS, max_new_tokens=64)
     assert eng.last_token_ids() == ref.last_token_ids()
@@ -106,10 +106,11 @@ def test_cuda_graph_poisoned_output_is_rewritten(tiny_dir):
     s = m.new_session()
     s.extend(m.embed_tokens(list(range(3, 30))))
     x = m.embed_tokens([11])
-    for out in m.graphs.outputs.values():
-        out.fill_(float("nan"))
-    padded = m.graphs.prepare(x, [s.length], [s.slot])
-    got = m.graphs.replay(1, padded).clone()
+    for (_, mode), out in m.decoder.graphs.step_outputs.items():
+        if mode == "logits":
+            out.fill_(float("nan"))
+    padded = m.decoder.graphs.prepare(x, [s.length], [s.slot])
+    got = m.decoder.graphs.replay(1, padded).clone()
     want = m.llm.decode_step(x, torch.tensor([s.length], dtype=torch.int32, device="cuda"),
                              torch.tensor([s.slot], dtype=torch.int32, device="cuda"))
     s.close()

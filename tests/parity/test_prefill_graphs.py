@@ -70,6 +70,16 @@ def _extend(m, blocks):
             s.close()
 
 
+def _live(cache, i: int, kv: str = "k") -> torch.Tensor:
+    """Layer i's live slots only, [num_slots, max_seq, Hkv, D] (engine/llm.py: KVCache's layout)."""
+    return (cache.k if kv == "k" else cache.v)[i][:cache.num_slots]
+
+
+def _scratch(cache, i: int, kv: str = "k") -> torch.Tensor:
+    """Layer i's writable scratch positions, [scratch_len, Hkv, D]."""
+    return (cache.k if kv == "k" else cache.v)[i][cache.scratch_slot, :cache.scratch_len]
+
+
 def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -108,7 +118,7 @@ def _check_cache(m, ref, owned: dict[int, int]) -> None:
     eager engine `ref` wrote there (so no padding overwrote them); every later position is still NaN."""
     for i in range(m.config.llm.num_hidden_layers):
         for kv in ("k", "v"):
-            live, want = m.cache.live(i, kv), ref.cache.live(i, kv)
+            live, want = _live(m.cache, i, kv), _live(ref.cache, i, kv)
             for slot in range(m.cache.num_slots):
                 n = owned.get(slot, 0)
                 assert torch.allclose(live[slot, :n], want[slot, :n], atol=1e-5, rtol=0), \
@@ -140,9 +150,9 @@ def test_padding_never_writes_a_live_slot(ckpt):
     want = ss["r"][1].extend_dream(span, list(range(1, Q + 1)))
     assert torch.isfinite(got).all() and _rel(got, want) <= COND_RTOL
     _check_cache(m, ref, {ss["m"][0].slot: 35, ss["m"][1].slot: 30 + Q + 1})
-    written = ~torch.isnan(m.cache.scratch(0)).all(dim=(1, 2))
+    written = ~torch.isnan(_scratch(m.cache, 0)).all(dim=(1, 2))
     assert written.any(), "no padding reached the scratch slot: the test padded nothing"
-    assert m.graphs.graphs and m.prefill.graphs and m.graph_backend.replays > 0
+    assert m.decoder.graphs.graphs and m.prefill.graphs and m.graph_backend.replays > 0
     for s in ss["m"] + ss["r"]:
         s.close()
 
@@ -174,7 +184,7 @@ def test_logits_step_is_captured_only_when_asked_for(ckpt):
     """The decode loop steps greedy/sample only: by default the bare "logits" step is not captured
     (one graph per batch size saved), and a single-token extend runs it eagerly."""
     m = _engine(ckpt, graphs=True, prefill_buckets=BUCKETS, cuda_graph_batch_sizes=(2,))
-    assert sorted(m.graphs.graphs) == [(2, 'greedy'), (2, 'sample')]
+    assert sorted(m.decoder.graphs.graphs) == [(2, 'greedy'), (2, 'sample')]
     s = m.new_session()
     try:
         s.extend(_emb(m, 5))
@@ -188,7 +198,7 @@ def test_stand_in_graphs_capture_all_and_replay_equals_eager(bucketed):
     m = bucketed
     be = m.graph_backend
     assert sorted(m.prefill.graphs) == list(BUCKETS)
-    assert sorted(m.graphs.graphs) == [(2, 'greedy'), (2, 'logits'), (2, 'sample')]  # decode: 3 modes
+    assert sorted(m.decoder.graphs.graphs) == [(2, 'greedy'), (2, 'logits'), (2, 'sample')]  # decode: 3 modes
     assert be.captures >= len(BUCKETS) + 3
     x = _emb(m, 41)
     r0 = be.replays
@@ -209,11 +219,11 @@ def test_kv_cache_views_and_scratch_size(ckpt):
     L = m.config.llm.num_hidden_layers
     for i in range(L):
         for j, kv in enumerate("kv"):
-            c.live(i, kv).fill_(2 * i + j)
-            c.scratch(i, kv).fill_(-1.0 - (2 * i + j))
+            _live(c, i, kv).fill_(2 * i + j)
+            _scratch(c, i, kv).fill_(-1.0 - (2 * i + j))
     for i in range(L):
         for j, kv in enumerate("kv"):
-            assert (c.live(i, kv) == 2 * i + j).all() and (c.scratch(i, kv) == -1.0 - (2 * i + j)).all()
+            assert (_live(c, i, kv) == 2 * i + j).all() and (_scratch(c, i, kv) == -1.0 - (2 * i + j)).all()
     full = 2 * L * (c.num_slots + 1) * c.max_seq * c.k[0].shape[2] * c.k[0].shape[3] * 4
     print(f"KV cache {c.nbytes} bytes vs {full} with a full-length scratch slot")
     assert c.nbytes < full
