@@ -1,9 +1,10 @@
 """Admission into the batched scheduler (serving/batched.py): checks, the queue, KV slots.
 
 `prepare_request` checks a request against the model before it queues (both schedulers use it:
-prompt length against the context, sampling and diffusion settings, image sizes). On the event
-loop, `Admission.submit` runs it off the loop thread and preprocesses the request's images
-off the worker thread; a full queue refuses at once (429). On the worker, `_admit` starts work
+prompt length against the context, sampling and diffusion settings, image sizes). `submit`
+(worker.py) runs `Admission._prepare` off the loop thread (the checks, and the request's images
+preprocessed off the worker thread), then queues the `Request` of `_queue_item`; a full queue
+refuses at once (429). On the worker, `_admit` starts work
 FIFO while KV slots are free: each choice of a chat or interleaved request opens a session (a
 slot) for its whole life; a text-to-image request, and a negative prompt, hold one only for their
 condition pass (work.py `Request.wants`). Starting a part queues its first prefill pass
@@ -11,7 +12,6 @@ condition pass (work.py `Request.wants`). Starting a part queues its first prefi
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -32,24 +32,27 @@ log = logging.getLogger("dreamllm_fast.serving")
 class Admission:
     """The admission methods of `BatchedScheduler` (its state is declared in its __init__)."""
 
-    async def submit(self, request: GenerationRequest) -> RequestHandle:
-        self._check_ready()
-        pipe = self._pipe
-        prepared, pixels = await asyncio.to_thread(self._prepare, pipe, request)
-        handle = RequestHandle(prepared.request, prepared.prompt_tokens)
-        req = Request(handle, prepared, pixels)
-        handle._on_cancel = lambda h: self._on_cancel(req)
-        # queued requests that free KV slots will take at the worker's next admission are not
-        # waiting: a burst of max_queue + max_batch is served, not refused
-        self._enqueue(req, spare=self._free_slots(),
-                      served=f"up to {self.max_batch} sequences served together")
-        return handle
-
-    def _prepare(self, pipe, request):
+    def _prepare(self, pipe, request: GenerationRequest):
         p = prepare_request(pipe, request, self._max_piece_chars)
         # CLIP preprocessing (resize, crop, normalize) here, off the worker thread
         pixels = pipe.preprocess(p.prompt.images) if p.prompt.images else None
         return p, pixels
+
+    def _queue_item(self, prepared) -> Request:
+        p, pixels = prepared
+        handle = RequestHandle(p.request, p.prompt_tokens)
+        req = Request(handle, p, pixels)
+        handle._on_cancel = lambda h: self._on_cancel(req)
+        return req
+
+    def _spare(self) -> int:
+        # queued requests that free KV slots will take at the worker's next admission are not
+        # waiting: a burst of max_queue + max_batch is served, not refused
+        return self._free_slots()
+
+    @property
+    def _served(self) -> str:
+        return f"up to {self.max_batch} sequences served together"
 
     def _on_cancel(self, req: Request) -> None:
         """The client is gone (any thread): a queued request leaves at once, a running one at the

@@ -12,7 +12,6 @@ so they stop at the next call boundary.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
@@ -48,16 +47,15 @@ class SequentialScheduler(WorkerScheduler):
         if running is not None:
             running.cancel()
 
-    # -- admission ----------------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest) -> RequestHandle:
-        self._check_ready()
-        pipe = self._pipe
-        request, prompt_tokens = await asyncio.to_thread(self._prepare, pipe, request)
+    # -- admission (worker.py's submit: _prepare, then _queue_item) ---------------------------
+    def _queue_item(self, prepared) -> RequestHandle:
+        request, prompt_tokens = prepared
         handle = RequestHandle(request, prompt_tokens)
         handle._on_cancel = self._dequeue
-        # the head of the queue is not waiting when the worker is free to take it
-        self._enqueue(handle, spare=int(self._running is None), served="one request served at a time")
         return handle
+
+    def _spare(self) -> int:
+        return int(self._running is None)  # the head of the queue is not waiting when the worker is free
 
     def _dequeue(self, handle: RequestHandle) -> None:
         with self._cv:

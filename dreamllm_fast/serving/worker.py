@@ -1,14 +1,16 @@
 """`WorkerScheduler`: the lifecycle the batched and sequential schedulers share.
 
 One worker thread loads the pipeline, warms it up (the engine captures its graphs), turns the
-scheduler ready and then serves; the event loop only queues requests (`_enqueue`, a bounded FIFO
-that refuses with 429 when full) and reads their handles. Shutdown refuses what waits, stops what
+scheduler ready and then serves; the event loop only checks and queues requests (`submit`: the
+model-aware checks off the loop thread, then `_enqueue`, a bounded FIFO that refuses with 429 when
+full) and reads their handles. Shutdown refuses what waits, stops what
 runs and joins the worker. A device error that poisons the CUDA context (`devices.device_failed`)
 ends the worker for good: `health()` reports it failed and the process should be restarted.
 """
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
 import logging
 import math
@@ -17,7 +19,8 @@ import time
 from typing import Optional
 
 from ..errors import InvalidInputError
-from .scheduler import Health, NotReadyError, QueueFullError, RequestFailed, RequestHandle, Scheduler
+from .scheduler import (GenerationRequest, Health, NotReadyError, QueueFullError, RequestFailed,
+                        RequestHandle, Scheduler)
 
 log = logging.getLogger("dreamllm_fast.serving")
 
@@ -46,12 +49,15 @@ class RateMeter:
 class WorkerScheduler(Scheduler):
     """A scheduler whose one worker thread loads, warms up and then owns the pipeline: the
     lifecycle the batched and sequential schedulers share (start, load and warm-up, health,
-    shutdown, the bounded queue and its 429, counters). A subclass supplies `_serve` (its loop),
-    and optionally `_warmed` (set-up after warm-up) and `_stop_running` (at shutdown)."""
+    submit, the bounded queue and its 429, shutdown, counters). A subclass supplies `_prepare` and
+    `_queue_item` (what `submit` queues), `_serve` (its loop), and optionally `_spare` (queued items
+    that are not waiting), `_warmed` (set-up after warm-up) and `_stop_running` (at shutdown)."""
 
     _thread_name = "dreamllm-worker"
     #: how many requests' worth of work run at once (Retry-After: the queue drains this fast)
     _parallel = 1
+    #: how the worker serves, for the queue-full message
+    _served = "one request served at a time"
 
     def _init_worker(self, load, max_queue: int, warmup: bool) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
@@ -127,6 +133,29 @@ class WorkerScheduler(Scheduler):
         return queued
 
     # -- the queue (event-loop side) ------------------------------------------------------------
+    async def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Check `request` against the model off the event loop (`_prepare`: prompt length, image
+        sizes, sampling and diffusion settings), then queue it or refuse it at once (429)."""
+        self._check_ready()
+        prepared = await asyncio.to_thread(self._prepare, self._pipe, request)
+        item = self._queue_item(prepared)
+        self._enqueue(item, spare=self._spare(), served=self._served)
+        return self._handle_of(item)
+
+    @abc.abstractmethod
+    def _prepare(self, pipe, request: GenerationRequest):
+        """The checks and preparation of a request before it queues, on a thread of asyncio's
+        pool (never the event loop, never the worker); raises InvalidInputError."""
+
+    @abc.abstractmethod
+    def _queue_item(self, prepared):
+        """On the event loop: what the queue holds for a prepared request, its `RequestHandle`
+        made (with its cancel hook)."""
+
+    def _spare(self) -> int:
+        """Queued items the worker takes at its next admission: not counted as waiting."""
+        return 0
+
     def _enqueue(self, item, spare: int, served: str) -> None:
         """Queue `item` (under the lock), or refuse it at once with 429: the queue holds
         `max_queue` waiting items, plus `spare` that the worker takes at its next admission (they

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
 from serving_helpers import LiveServer, Recorder, data_url, encode, scene, wait_until  # noqa: E402
 
 from dreamllm_fast.config import EngineConfig  # noqa: E402
-from dreamllm_fast.engine.decode_batch import EngineDecodeBatch  # noqa: E402
+from dreamllm_fast.engine.decode import EngineDecodeBatch  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import ServeConfig, create_app  # noqa: E402
 from dreamllm_fast.serving.batched import BatchedScheduler  # noqa: E402

@@ -17,7 +17,7 @@ from serving_helpers import Recorder  # noqa: E402
 import pytest
 
 from dreamllm_fast.config import EngineConfig
-from dreamllm_fast.engine.decode_batch import EngineDecodeBatch
+from dreamllm_fast.engine.decode import EngineDecodeBatch
 from dreamllm_fast.pipeline import DreamLLMPipeline
 from dreamllm_fast.sampling import SamplingParams
 from dreamllm_fast.serving.batched import BatchedScheduler

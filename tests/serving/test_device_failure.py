@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
 from serving_helpers import LiveServer, wait_until  # noqa: E402
 
 from dreamllm_fast.devices import device_failed  # noqa: E402
-from dreamllm_fast.engine.decode_batch import EngineDecodeBatch  # noqa: E402
+from dreamllm_fast.engine.decode import EngineDecodeBatch  # noqa: E402
 from dreamllm_fast.pipeline import DreamLLMPipeline  # noqa: E402
 from dreamllm_fast.serving import (BatchedScheduler, SequentialScheduler, ServeConfig,  # noqa: E402
                                    create_app)
