@@ -1,6 +1,7 @@
 """Build a backend from a checkpoint directory: the device and precision, the weight format
-(bf16, or int8/fp8 quantized), the backend (engine or reference). `DreamLLMPipeline.from_pretrained`
-(dreamllm_fast/pipeline.py) documents the arguments."""
+(bf16, or int8/fp8 quantized), the backend (engine or reference), and how its U-Net and VAE run
+(`diffusion_backends`). `DreamLLMPipeline.from_pretrained` (dreamllm_fast/pipeline.py) documents the
+arguments."""
 from __future__ import annotations
 
 import dataclasses
@@ -69,3 +70,20 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = 
             ) from None
         model = EngineModel(ckpt, special, device=device, dtype=dtype, engine_config=engine_config)
     return model, tok
+
+
+def diffusion_backends(model, unet: str = "eager", vae: str = "eager", **opts):
+    """How the U-Net and the VAE of `model` run: "eager" | "compiled" | "onnxruntime" | "tensorrt" |
+    "graphs" (export/backends.py). Returns (unet eps function, VAE decode function, the whole-step
+    runner of the "graphs" U-Net or None)."""
+    unet_fn, vae_fn, stepper = model.unet_eps, model.vae_decode, None
+    if unet != "eager":
+        from .export.backends import make_unet_backend
+
+        unet_fn = make_unet_backend(model.unet, unet, precision=model.dtype, **opts)
+        stepper = unet_fn.step_runner
+    if vae != "eager":
+        from .export.backends import make_vae_backend
+
+        vae_fn = make_vae_backend(model.vae, vae, precision=model.dtype, **opts)
+    return unet_fn, vae_fn, stepper

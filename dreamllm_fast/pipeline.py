@@ -27,7 +27,7 @@ from .diffusion import (DEFAULT_SAMPLER, check_diffusion_args, check_sampler, de
                         denoise, make_noise_scheduler, max_inference_steps, prepare_latents, to_pil)
 from .errors import EngineBusyError, InvalidInputError
 from .images import ImagePreprocessor
-from .loading import BACKENDS, load_model, resolve_device_dtype  # noqa: F401 (re-exported)
+from .loading import BACKENDS, diffusion_backends, load_model, resolve_device_dtype  # noqa: F401 (re-exported)
 from .prompt import Prompt, PromptBuilder
 from .decoding import DecodeLoop
 from .detokenize import StopStrings
@@ -86,20 +86,7 @@ class DreamLLMPipeline:
     def set_diffusion_backends(self, unet: str = "eager", vae: str = "eager", **opts) -> None:
         """Choose how the U-Net and VAE run: "eager" | "compiled" | "onnxruntime" | "tensorrt" |
         "graphs" (captured modules; its U-Net also captures the whole denoising step)."""
-        self.stepper = None
-        if unet == "eager":
-            self.unet = self.model.unet_eps
-        else:
-            from .export.backends import make_unet_backend
-
-            self.unet = make_unet_backend(self.model.unet, unet, precision=self.model.dtype, **opts)
-            self.stepper = self.unet.step_runner
-        if vae == "eager":
-            self.vae_decode = self.model.vae_decode
-        else:
-            from .export.backends import make_vae_backend
-
-            self.vae_decode = make_vae_backend(self.model.vae, vae, precision=self.model.dtype, **opts)
+        self.unet, self.vae_decode, self.stepper = diffusion_backends(self.model, unet, vae, **opts)
 
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
