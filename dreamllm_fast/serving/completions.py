@@ -18,11 +18,9 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import Field
-
 from .media import decode_image, image_bytes
-from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _seeds, _Strict,
-                       check_image_count, check_sampling, check_stops)
+from .protocol import (_NO, ApiError, GenerationFields, ServeConfig, _seeds, check_choices,
+                       check_image_count, check_sampling, check_stops, check_stream_options)
 from .responses import system_fingerprint
 from .scheduler import GenerationRequest
 
@@ -30,19 +28,11 @@ IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
 
 
-class CompletionRequest(_Strict):
-    model: str
+class CompletionRequest(GenerationFields):
+    FIELD_ORDER = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                   "n", "stream", "stream_options", "user", "images")
+
     prompt: Union[str, list[str]]
-    max_tokens: Optional[Count] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
-    seed: Optional[Seed] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[Count] = Field(None, ge=1)
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
     images: Optional[list[str]] = None  # extension: one URL per <image> in the prompt
 
 
@@ -71,11 +61,8 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
                                 f"{len(prompt)}); batch by sending requests concurrently",
                            param="prompt")
         prompt = prompt[0]
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    n = check_choices(body, cfg)
+    check_stream_options(body)
     stops = check_stops(body.stop, cfg)
     sampling = check_sampling(body, cfg)
     texts = prompt.split(IMAGE_PLACEHOLDER)

@@ -28,7 +28,7 @@ import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -109,11 +109,20 @@ class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
 
-class ChatCompletionRequest(_Strict):
+class GenerationFields(_Strict):
+    """The fields a chat and a completion request share (each declared here only): the model,
+    the length, the sampling, stop strings, the choices, streaming and ``user``; `check_choices`,
+    `check_stops` and `check_sampling` read them.
+
+    A subclass names all its fields, its own and these, in `FIELD_ORDER`: the order pydantic
+    validates them in, so the order of a request's errors (the first one is the one a client
+    sees: `parse_body`) and of the JSON schema's properties. pydantic itself puts inherited
+    fields first, with no option to change it (pydantic issue 12140)."""
+
+    FIELD_ORDER: ClassVar[tuple[str, ...]] = ()
+
     model: str
-    messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[Count] = Field(None, ge=1)
-    max_completion_tokens: Optional[Count] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0)  # <= ServeConfig.max_temperature
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
@@ -122,8 +131,29 @@ class ChatCompletionRequest(_Strict):
     n: Optional[Count] = Field(None, ge=1)
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    modalities: Optional[list[Literal["text", "image"]]] = None
     user: Optional[str] = None
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        fields = cls.__pydantic_fields__
+        if len(set(cls.FIELD_ORDER)) != len(cls.FIELD_ORDER) or set(cls.FIELD_ORDER) != set(fields):
+            raise TypeError(f"{cls.__name__}.FIELD_ORDER must name each of its fields once; its "
+                            f"fields: {sorted(fields)}, FIELD_ORDER: {list(cls.FIELD_ORDER)}")
+        if list(cls.FIELD_ORDER) != list(fields):
+            cls.__pydantic_fields__ = {name: fields[name] for name in cls.FIELD_ORDER}
+            cls.model_rebuild(force=True)
+
+
+class ChatCompletionRequest(GenerationFields):
+    FIELD_ORDER = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+                   "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options", "modalities",
+                   "user", "metadata", "num_inference_steps", "guidance_scale", "negative_prompt",
+                   "max_images", "sampler")
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[Count] = Field(None, ge=1)
+    modalities: Optional[list[Literal["text", "image"]]] = None
     metadata: Optional[dict[str, str]] = None
     # extensions for the images of an interleaved answer
     num_inference_steps: Optional[Count] = Field(None, ge=1)
@@ -251,6 +281,20 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
 
 
 # -- into the engine's terms -----------------------------------------------------------------------
+def check_choices(body, cfg: ServeConfig) -> int:
+    """`n` (1 if unset) of a chat, completion or image request, at most the server's --max-n."""
+    n = body.n or 1
+    if n > cfg.max_n:
+        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    return n
+
+
+def check_stream_options(body: GenerationFields) -> None:
+    """OpenAI refuses stream_options on a request that is not streamed; so does this server."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
 def check_stops(stop, cfg: ServeConfig) -> list[str]:
     """`stop` (a string or a list) as a list, bounded by the server's limits."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -259,7 +303,7 @@ def check_stops(stop, cfg: ServeConfig) -> list[str]:
     return stops
 
 
-def check_sampling(body, cfg: ServeConfig) -> SamplingParams:
+def check_sampling(body: GenerationFields, cfg: ServeConfig) -> SamplingParams:
     """The sampling settings of a chat or completion request (max_new_tokens set later): OpenAI's
     temperature range up to the server's `--max-temperature`, 0 meaning greedy."""
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -281,15 +325,12 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
 
     context: (the model's context in tokens, tokens per input image) when known (the scheduler
     is ready): the image count is checked against it before any image is decoded."""
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    n = check_choices(body, cfg)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one of them",
                        param="max_completion_tokens")
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(body)
     modalities = set(body.modalities or ["text"])
     if modalities == {"image"}:
         raise ApiError(400, "modalities ['image'] alone is not a chat answer: use "
@@ -313,9 +354,7 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
 
 
 def images_request(body: ImageGenerationRequest, cfg: ServeConfig) -> GenerationRequest:
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    n = check_choices(body, cfg)
     if body.response_format == "url":
         raise ApiError(400, "response_format 'url' is not supported: this server keeps no image "
                             "store to link to; use 'b64_json'", param="response_format")
