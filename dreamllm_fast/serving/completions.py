@@ -14,14 +14,13 @@ then decoding).
 """
 from __future__ import annotations
 
-import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from .media import decode_image, image_bytes
-from .protocol import (_NO, ApiError, GenerationFields, ServeConfig, _seeds, check_choices,
-                       check_image_count, check_sampling, check_stops, check_stream_options)
-from .responses import system_fingerprint
+from .protocol import (_NO, UNSUPPORTED_SAMPLING, ApiError, GenerationFields, ServeConfig, _seeds,
+                       check_choices, check_image_count, check_sampling, check_stops,
+                       check_stream_options)
 from .scheduler import GenerationRequest
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -41,9 +40,7 @@ UNSUPPORTED_COMPLETION: dict[str, tuple[tuple, str]] = {
     "logprobs": ((None, 0), f"logprobs {_NO}"),
     "suffix": ((None, ""), f"suffix (insertion) {_NO}"),
     "best_of": ((None, 1), f"best_of {_NO}; use n"),
-    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
-    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
-    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+    **UNSUPPORTED_SAMPLING,
 }
 
 
@@ -91,22 +88,3 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
                              max_new_tokens=max_new, sampling=sampling, stop=tuple(stops),
                              request_id=f"cmpl-{uuid.uuid4().hex}")
 
-
-def completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage_,
-            "system_fingerprint": system_fingerprint()}
-
-
-def completion_choice(index: int, text: str,
-                      finish_reason: Optional[Literal["stop", "length", "cancelled"]]) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def completion_chunk(request_id: str, model: str, created: int, choices: list[dict],
-                     usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
-    d = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-         "choices": choices, "system_fingerprint": system_fingerprint()}
-    if with_usage:
-        d["usage"] = usage_
-    return d

@@ -1,4 +1,6 @@
-"""OpenAI wire format: request models, their validation into `GenerationRequest`s, responses.
+"""OpenAI wire format: request models and their validation into `GenerationRequest`s (the
+completion request derives from the same `GenerationFields` here: completions.py; the response
+bodies are in responses.py).
 
 Requests are validated strictly (pydantic, strict types, unknown fields refused as OpenAI does:
 "Unrecognized request argument"), and parameters this server does not implement get a 400 that
@@ -181,6 +183,13 @@ class ImageGenerationRequest(_Strict):
 
 # name -> (values that mean "off" and are accepted, why anything else is refused)
 _NO = "is not supported by this server"
+# sampling controls neither chat nor completions implement; parse_body checks a table in its
+# order, so each table below keeps them at the place they always had
+UNSUPPORTED_SAMPLING: dict[str, tuple[tuple, str]] = {
+    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
+    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
+    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+}
 UNSUPPORTED_CHAT: dict[str, tuple[tuple, str]] = {
     "tools": ((None, []), f"tool calling {_NO}: DreamLLM was not trained to call tools"),
     "tool_choice": ((None, "none"), f"tool calling {_NO}"),
@@ -189,9 +198,7 @@ UNSUPPORTED_CHAT: dict[str, tuple[tuple, str]] = {
     "parallel_tool_calls": ((None, True, False), ""),
     "logprobs": ((None, False), f"logprobs {_NO} (it returns text and images only)"),
     "top_logprobs": ((None, 0), f"top_logprobs {_NO}"),
-    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
-    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
-    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+    **UNSUPPORTED_SAMPLING,
     "response_format": ((None, {"type": "text"}), f"structured output (response_format) {_NO}"),
     "audio": ((None,), f"audio output {_NO}"),
     "prediction": ((None,), f"predicted outputs {_NO}"),
@@ -469,6 +476,3 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client,
 def _image_error(i: int, j: int, e: Exception) -> ApiError:
     return ApiError(400, f"messages[{i}].content[{j}]: {e}",
                     param=f"messages.{i}.content.{j}.image_url", code="invalid_image")
-
-
-# -- responses -------------------------------------------------------------------------------------
