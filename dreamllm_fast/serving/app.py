@@ -29,9 +29,9 @@ from .. import __version__
 from ..errors import DreamLLMError
 from .completions import UNSUPPORTED_COMPLETION, CompletionRequest, completion_request
 from .metrics import ServingMetrics
-from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
-                       ImageGenerationRequest, ServeConfig, chat_request, decode_json_body,
-                       images_request, parse_body)
+from .protocol import ApiError, ServeConfig, chat_request, decode_json_body, images_request, parse_body
+from .request_models import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ChatCompletionRequest,
+                             ImageGenerationRequest)
 from .responses import (completion_body, completion_choice, images_response, model_card,
                         to_api_error, usage)
 from .scheduler import RequestHandle, Scheduler

@@ -18,9 +18,9 @@ import uuid
 from typing import Optional, Union
 
 from .media import decode_image, image_bytes
-from .protocol import (_NO, UNSUPPORTED_SAMPLING, ApiError, GenerationFields, ServeConfig, _seeds,
-                       check_choices, check_image_count, check_sampling, check_stops,
-                       check_stream_options)
+from .protocol import (ApiError, ServeConfig, _seeds, check_choices, check_image_count,
+                       check_sampling, check_stops, check_stream_options)
+from .request_models import _NO, UNSUPPORTED_SAMPLING, GenerationFields
 from .scheduler import GenerationRequest
 
 IMAGE_PLACEHOLDER = "<image>"

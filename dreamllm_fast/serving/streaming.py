@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from .metrics import ServingMetrics
 from .progress import ImageProgress
-from .protocol import ChatCompletionRequest, ServeConfig
+from .protocol import ServeConfig
+from .request_models import ChatCompletionRequest
 from .responses import (chunk_body, completion_choice, image_part, text_part, to_api_error,
                         usage)
 from .scheduler import ChoiceDone, ImageResult, RequestFailed, RequestHandle, TextDelta

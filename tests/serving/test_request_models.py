@@ -1,7 +1,8 @@
-"""The chat and completion request models share one base, `GenerationFields` (serving/protocol.py),
-and still validate their fields in the order the wire format always had: a request with several
-faults is refused for the same one as before (`parse_body` reports the first), and the JSON
-schema lists the properties in that order. No server: the models and `parse_body` only."""
+"""The chat and completion request models share one base, `GenerationFields`
+(serving/request_models.py), and still validate their fields in the order the wire format always
+had: a request with several faults is refused for the same one as before (`parse_body` reports
+the first), and the JSON schema lists the properties in that order. No server: the models and
+`parse_body` only."""
 import json
 
 import pytest
@@ -11,8 +12,9 @@ pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra 
 from pydantic import Field  # noqa: E402
 
 from dreamllm_fast.serving.completions import UNSUPPORTED_COMPLETION, CompletionRequest  # noqa: E402
-from dreamllm_fast.serving.protocol import (UNSUPPORTED_CHAT, ApiError,  # noqa: E402
-                                            ChatCompletionRequest, GenerationFields, parse_body)
+from dreamllm_fast.serving.protocol import ApiError, parse_body  # noqa: E402
+from dreamllm_fast.serving.request_models import (UNSUPPORTED_CHAT, ChatCompletionRequest,  # noqa: E402
+                                                  GenerationFields)
 
 # the orders of the models before they shared a base (commit 80fbae0), spelled out here so that
 # a change of the models' own FIELD_ORDER or of how it is applied shows up
