@@ -27,13 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import DreamLLMError
-from .completions import (UNSUPPORTED_COMPLETION, CompletionRequest, completion, completion_choice,
-                          completion_request)
+from .completions import UNSUPPORTED_COMPLETION, CompletionRequest, completion_request
 from .metrics import ServingMetrics
-from .protocol import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ApiError, ChatCompletionRequest,
-                       ImageGenerationRequest, ServeConfig, chat_request, decode_json_body,
-                       images_request, parse_body)
-from .responses import chat_completion, images_response, model_card, to_api_error, usage
+from .protocol import ApiError, ServeConfig, chat_request, decode_json_body, images_request, parse_body
+from .request_models import (UNSUPPORTED_CHAT, UNSUPPORTED_IMAGES, ChatCompletionRequest,
+                             ImageGenerationRequest)
+from .responses import (completion_body, completion_choice, images_response, model_card,
+                        to_api_error, usage)
 from .scheduler import RequestHandle, Scheduler
 from .security import BodyLimitMiddleware, BodyTooLarge, api_key_ok, error_body
 from .slow_clients import UploadAborted, read_body
@@ -156,7 +156,7 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
             choices.append({"index": i, "message": {"role": "assistant", "content": content},
                             "logprobs": None, "finish_reason": r["finish"]})
             completion += r["tokens"]
-        out = chat_completion(handle.request_id, cfg.model_name, choices,
+        out = completion_body("chat.completion", handle.request_id, cfg.model_name, choices,
                               usage(handle.prompt_tokens, completion))
         return JSONResponse(out, headers=headers)
 
@@ -178,8 +178,8 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         choices = [completion_choice(i, "".join(r["parts"]), r["finish"])
                    for i, r in sorted(results.items())]
         used = usage(handle.prompt_tokens, sum(r["tokens"] for r in results.values()))
-        return JSONResponse(completion(handle.request_id, cfg.model_name, choices, used),
-                            headers=headers)
+        return JSONResponse(completion_body("text_completion", handle.request_id, cfg.model_name,
+                                            choices, used), headers=headers)
 
     @app.post("/v1/images/generations", dependencies=[Depends(auth)])
     async def images_generations(request: Request):

@@ -14,35 +14,24 @@ then decoding).
 """
 from __future__ import annotations
 
-import time
 import uuid
-from typing import Literal, Optional, Union
-
-from pydantic import Field
+from typing import Optional, Union
 
 from .media import decode_image, image_bytes
-from .protocol import (_NO, ApiError, Count, Seed, ServeConfig, StreamOptions, _seeds, _Strict,
-                       check_image_count, check_sampling, check_stops)
-from .responses import system_fingerprint
+from .protocol import (ApiError, ServeConfig, _seeds, check_choices, check_image_count,
+                       check_sampling, check_stops, check_stream_options)
+from .request_models import _NO, UNSUPPORTED_SAMPLING, GenerationFields
 from .scheduler import GenerationRequest
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
 
 
-class CompletionRequest(_Strict):
-    model: str
+class CompletionRequest(GenerationFields):
+    FIELD_ORDER = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                   "n", "stream", "stream_options", "user", "images")
+
     prompt: Union[str, list[str]]
-    max_tokens: Optional[Count] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
-    seed: Optional[Seed] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[Count] = Field(None, ge=1)
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
     images: Optional[list[str]] = None  # extension: one URL per <image> in the prompt
 
 
@@ -51,9 +40,7 @@ UNSUPPORTED_COMPLETION: dict[str, tuple[tuple, str]] = {
     "logprobs": ((None, 0), f"logprobs {_NO}"),
     "suffix": ((None, ""), f"suffix (insertion) {_NO}"),
     "best_of": ((None, 1), f"best_of {_NO}; use n"),
-    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
-    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
-    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
+    **UNSUPPORTED_SAMPLING,
 }
 
 
@@ -71,11 +58,8 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
                                 f"{len(prompt)}); batch by sending requests concurrently",
                            param="prompt")
         prompt = prompt[0]
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    n = check_choices(body, cfg)
+    check_stream_options(body)
     stops = check_stops(body.stop, cfg)
     sampling = check_sampling(body, cfg)
     texts = prompt.split(IMAGE_PLACEHOLDER)
@@ -104,22 +88,3 @@ async def completion_request(body: CompletionRequest, cfg: ServeConfig, client=N
                              max_new_tokens=max_new, sampling=sampling, stop=tuple(stops),
                              request_id=f"cmpl-{uuid.uuid4().hex}")
 
-
-def completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage_,
-            "system_fingerprint": system_fingerprint()}
-
-
-def completion_choice(index: int, text: str,
-                      finish_reason: Optional[Literal["stop", "length", "cancelled"]]) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def completion_chunk(request_id: str, model: str, created: int, choices: list[dict],
-                     usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
-    d = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-         "choices": choices, "system_fingerprint": system_fingerprint()}
-    if with_usage:
-        d["usage"] = usage_
-    return d

@@ -1,16 +1,12 @@
-"""OpenAI wire format: request models, their validation into `GenerationRequest`s, responses.
-
-Requests are validated strictly (pydantic, strict types, unknown fields refused as OpenAI does:
-"Unrecognized request argument"), and parameters this server does not implement get a 400 that
-says so instead of being silently ignored (`UNSUPPORTED`). Only their neutral values pass (e.g.
-``logprobs: false``, ``frequency_penalty: 0``).
+"""OpenAI wire format: a request body, decoded and validated (`parse_body`) against its model
+(request_models.py), into a `GenerationRequest` (`chat_request`, `images_request`; the
+completion route's is in completions.py). The response bodies are in responses.py.
 
 Mapping to the model:
 - ``temperature`` 0 is greedy decoding; > 0 samples (OpenAI's default is 1; its range, [0, 2]).
   ``top_p`` and the extension ``top_k`` filter the distribution (``top_k`` 0 or vLLM's -1: off).
-- Every number is bounded here, at parse time, to what the engine takes (`INT32_MAX` for counts,
-  int64 for ``seed``, as OpenAI and vLLM), so no admitted request can fail a shared step with an
-  overflow; settings that depend on the model (the diffusion steps, image sizes, the context)
+- Every number is bounded at parse time (request_models.py) to what the engine takes, so no
+  admitted request can fail a shared step with an overflow; settings that depend on the model (the diffusion steps, image sizes, the context)
   are checked by the scheduler's `submit` before queueing.
 - System messages: the "vicuna_v1.1" template the model was tuned on has one system prompt, at the
   start. Leading system (or ``developer``) messages are joined with newlines and replace the
@@ -28,13 +24,15 @@ import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..errors import InvalidInputError
 from ..sampling import SamplingParams
 from .media import MediaLimits, decode_image, image_bytes, parse_size
+from .request_models import (ChatCompletionRequest, GenerationFields, ImageGenerationRequest, ImagePart,
+                             Message, TextPart)
 from .scheduler import GenerationRequest, ImageOptions
 
 
@@ -68,117 +66,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
-
-
-# -- request models --------------------------------------------------------------------------------
-INT32_MAX = 2**31 - 1  # counts (top_k, n, max_tokens, steps): the kernels take them as int32/int64
-Count = Annotated[int, Field(le=INT32_MAX)]
-Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]  # int64, as OpenAI and vLLM
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class ImageURL(_Strict):
-    url: str
-    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted, no effect (one CLIP size)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    # OpenAI refuses an empty content array ("minimum length 1")
-    content: Union[str, Annotated[list[ContentPart], Field(min_length=1)], None] = None
-    name: Optional[str] = None  # accepted, not used by the template
-
-
-class StreamOptions(_Strict):
-    include_usage: Optional[bool] = None
-
-
-class ChatCompletionRequest(_Strict):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[Count] = Field(None, ge=1)
-    max_completion_tokens: Optional[Count] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)  # <= ServeConfig.max_temperature
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[Count] = Field(None, ge=-1)  # extension (vLLM's name; -1 or 0: off)
-    seed: Optional[Seed] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[Count] = Field(None, ge=1)
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    modalities: Optional[list[Literal["text", "image"]]] = None
-    user: Optional[str] = None
-    metadata: Optional[dict[str, str]] = None
-    # extensions for the images of an interleaved answer
-    num_inference_steps: Optional[Count] = Field(None, ge=1)
-    guidance_scale: Optional[float] = Field(None, ge=0)
-    negative_prompt: Optional[str] = None
-    max_images: Optional[Count] = Field(None, ge=0)
-    sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
-
-
-class ImageGenerationRequest(_Strict):
-    prompt: str = Field(min_length=1)
-    model: Optional[str] = None
-    n: Optional[Count] = Field(None, ge=1)
-    size: Optional[str] = None
-    response_format: Optional[Literal["b64_json", "url"]] = None
-    output_format: Optional[Literal["png"]] = None
-    user: Optional[str] = None
-    # extensions (the DDPM sampler of the model's image head)
-    num_inference_steps: Optional[Count] = Field(None, ge=1)
-    guidance_scale: Optional[float] = Field(None, ge=0)
-    negative_prompt: Optional[str] = None
-    seed: Optional[Seed] = None
-    sampler: Optional[Literal["ddpm", "dpmpp-2m", "unipc"]] = None  # default ddpm
-
-
-# name -> (values that mean "off" and are accepted, why anything else is refused)
-_NO = "is not supported by this server"
-UNSUPPORTED_CHAT: dict[str, tuple[tuple, str]] = {
-    "tools": ((None, []), f"tool calling {_NO}: DreamLLM was not trained to call tools"),
-    "tool_choice": ((None, "none"), f"tool calling {_NO}"),
-    "functions": ((None, []), f"function calling {_NO}"),
-    "function_call": ((None, "none"), f"function calling {_NO}"),
-    "parallel_tool_calls": ((None, True, False), ""),
-    "logprobs": ((None, False), f"logprobs {_NO} (it returns text and images only)"),
-    "top_logprobs": ((None, 0), f"top_logprobs {_NO}"),
-    "logit_bias": ((None, {}), f"logit_bias {_NO}"),
-    "frequency_penalty": ((None, 0, 0.0), f"frequency_penalty {_NO}; leave it at 0"),
-    "presence_penalty": ((None, 0, 0.0), f"presence_penalty {_NO}; leave it at 0"),
-    "response_format": ((None, {"type": "text"}), f"structured output (response_format) {_NO}"),
-    "audio": ((None,), f"audio output {_NO}"),
-    "prediction": ((None,), f"predicted outputs {_NO}"),
-    "reasoning_effort": ((None,), f"reasoning_effort {_NO}: not a reasoning model"),
-    "web_search_options": ((None,), f"web search {_NO}"),
-    "store": ((None, False), f"stored completions {_NO}"),
-    "service_tier": ((None, "auto", "default"), f"service tiers {_NO}"),
-}
-UNSUPPORTED_IMAGES: dict[str, tuple[tuple, str]] = {
-    "stream": ((None, False), f"streamed image generation {_NO}"),
-    "partial_images": ((None, 0), f"partial images {_NO}"),
-    "quality": ((None, "auto", "standard"), f"quality settings {_NO}; use num_inference_steps"),
-    "style": ((None,), f"style {_NO}"),
-    "background": ((None, "auto", "opaque"), f"transparent backgrounds {_NO}"),
-    "moderation": ((None, "auto", "low"), ""),
-    "output_compression": ((None, 100), f"output_compression {_NO} (PNG only)"),
-}
 
 
 _JSON_TYPES = ("application/json",)
@@ -251,6 +138,20 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
 
 
 # -- into the engine's terms -----------------------------------------------------------------------
+def check_choices(body, cfg: ServeConfig) -> int:
+    """`n` (1 if unset) of a chat, completion or image request, at most the server's --max-n."""
+    n = body.n or 1
+    if n > cfg.max_n:
+        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    return n
+
+
+def check_stream_options(body: GenerationFields) -> None:
+    """OpenAI refuses stream_options on a request that is not streamed; so does this server."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
 def check_stops(stop, cfg: ServeConfig) -> list[str]:
     """`stop` (a string or a list) as a list, bounded by the server's limits."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -259,7 +160,7 @@ def check_stops(stop, cfg: ServeConfig) -> list[str]:
     return stops
 
 
-def check_sampling(body, cfg: ServeConfig) -> SamplingParams:
+def check_sampling(body: GenerationFields, cfg: ServeConfig) -> SamplingParams:
     """The sampling settings of a chat or completion request (max_new_tokens set later): OpenAI's
     temperature range up to the server's `--max-temperature`, 0 meaning greedy."""
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -281,15 +182,12 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
 
     context: (the model's context in tokens, tokens per input image) when known (the scheduler
     is ready): the image count is checked against it before any image is decoded."""
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    n = check_choices(body, cfg)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one of them",
                        param="max_completion_tokens")
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(body)
     modalities = set(body.modalities or ["text"])
     if modalities == {"image"}:
         raise ApiError(400, "modalities ['image'] alone is not a chat answer: use "
@@ -313,9 +211,7 @@ async def chat_request(body: ChatCompletionRequest, cfg: ServeConfig, client=Non
 
 
 def images_request(body: ImageGenerationRequest, cfg: ServeConfig) -> GenerationRequest:
-    n = body.n or 1
-    if n > cfg.max_n:
-        raise ApiError(400, f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
+    n = check_choices(body, cfg)
     if body.response_format == "url":
         raise ApiError(400, "response_format 'url' is not supported: this server keeps no image "
                             "store to link to; use 'b64_json'", param="response_format")
@@ -430,6 +326,3 @@ async def _messages(msgs: list[Message], cfg: ServeConfig, client,
 def _image_error(i: int, j: int, e: Exception) -> ApiError:
     return ApiError(400, f"messages[{i}].content[{j}]: {e}",
                     param=f"messages.{i}.content.{j}.image_url", code="invalid_image")
-
-
-# -- responses -------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""OpenAI response bodies (chat completions, chunks, images, models) and the mapping of this
+"""OpenAI response bodies (chat and text completions, their chunks, images, models) and the mapping of this
 package's errors to OpenAI error responses (`to_api_error`)."""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 from ..errors import ContextOverflowError, EngineBusyError, ImageLoadError, InvalidInputError
 from .media import png_b64, png_data_url
@@ -23,19 +23,31 @@ def image_part(image) -> dict:
     return {"type": "image_url", "image_url": {"url": png_data_url(image)}}
 
 
-def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+def completion_body(object_: str, request_id: str, model: str, choices: list[dict],
+                    usage_: dict) -> dict:
+    """A whole answer; object_: "chat.completion" (/v1/chat/completions) or "text_completion"
+    (/v1/completions)."""
+    return {"id": request_id, "object": object_, "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage_,
             "system_fingerprint": system_fingerprint()}
 
 
-def chat_chunk(request_id: str, model: str, created: int, choices: list[dict],
+def chunk_body(object_: str, request_id: str, model: str, created: int, choices: list[dict],
                usage_: Optional[dict] = None, with_usage: bool = False) -> dict:
-    d = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+    """One server-sent event of a streamed answer; object_: "chat.completion.chunk" or
+    "text_completion" (OpenAI's completion chunks are that object too). with_usage
+    (stream_options.include_usage): every chunk has a ``usage`` key, null but on the last one."""
+    d = {"id": request_id, "object": object_, "created": created, "model": model,
          "choices": choices, "system_fingerprint": system_fingerprint()}
     if with_usage:
         d["usage"] = usage_
     return d
+
+
+def completion_choice(index: int, text: str,
+                      finish_reason: Optional[Literal["stop", "length", "cancelled"]]) -> dict:
+    """A choice of /v1/completions, whole or streamed."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
 def images_response(images: list) -> dict:

@@ -11,11 +11,12 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .completions import completion_choice, completion_chunk
 from .metrics import ServingMetrics
 from .progress import ImageProgress
-from .protocol import ChatCompletionRequest, ServeConfig
-from .responses import chat_chunk, image_part, text_part, to_api_error, usage
+from .protocol import ServeConfig
+from .request_models import ChatCompletionRequest
+from .responses import (chunk_body, completion_choice, image_part, text_part, to_api_error,
+                        usage)
 from .scheduler import ChoiceDone, ImageResult, RequestFailed, RequestHandle, TextDelta
 from .security import error_body
 
@@ -83,19 +84,59 @@ def sse(obj) -> str:
     return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
 
 
-async def stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: ServeConfig,
-                       metrics: ServingMetrics, t0: float):
-    route = "/v1/chat/completions"
+def stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: ServeConfig,
+                metrics: ServingMetrics, t0: float):
+    """/v1/chat/completions chunks: the role first, one chunk per choice; then text deltas, an
+    image whole (as one content part), the progress of an image being drawn (an extension field
+    of the delta, serving/progress.py) and each choice's finish_reason with its last text."""
+    async def choice(ev) -> dict:
+        finish = None
+        if isinstance(ev, ChoiceDone):
+            delta, finish = ({"content": ev.text} if ev.text else {}), ev.finish_reason
+        elif isinstance(ev, ImageProgress):
+            delta = ev.delta() if ev.preview is None else await anyio.to_thread.run_sync(ev.delta)
+        elif isinstance(ev, TextDelta):
+            delta = {"content": ev.text}
+        else:  # an image arrives whole, as one content part
+            delta = {"content": [await anyio.to_thread.run_sync(image_part, ev.image)]}
+        return {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None} for i in range(handle.request.n)]
+    return _stream(handle, "chat.completion.chunk", "/v1/chat/completions", body, cfg, metrics, t0,
+                   opening, choice, is_output=lambda ev: not isinstance(ev, (ChoiceDone, ImageProgress)))
+
+
+def stream_completion(handle: RequestHandle, body, cfg: ServeConfig, metrics: ServingMetrics,
+                      t0: float):
+    """/v1/completions chunks: text per choice, the last piece with its finish_reason."""
+    async def choice(ev) -> Optional[dict]:
+        if isinstance(ev, ChoiceDone):
+            return completion_choice(ev.index, ev.text, ev.finish_reason)
+        if isinstance(ev, TextDelta):
+            return completion_choice(ev.index, ev.text, None)
+        return None  # a completion draws no images
+
+    return _stream(handle, "text_completion", "/v1/completions", body, cfg, metrics, t0, [],
+                   choice, is_output=lambda ev: True)
+
+
+async def _stream(handle: RequestHandle, object_: str, route: str, body, cfg: ServeConfig,
+                  metrics: ServingMetrics, t0: float, opening: list[dict], choice, is_output):
+    """The server-sent events of either route: a chunk per opening choice, then a chunk per
+    event (`choice`: the route's choice dict of an event, or None), a failure as OpenAI's error
+    JSON, the usage (stream_options.include_usage) and ``[DONE]``. The first event that
+    `is_output` accepts marks the time to first token. The request is cancelled when the client
+    goes."""
     rid, model, created = handle.request_id, cfg.model_name, int(time.time())
     with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(choices, u=None):
-        return sse(chat_chunk(rid, model, created, choices, u, with_usage))
+        return sse(chunk_body(object_, rid, model, created, choices, u, with_usage))
     completion, first = 0, True
     try:
-        for i in range(handle.request.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
+        for c in opening:
+            yield chunk([c])
         async for ev in handle:
             if isinstance(ev, RequestFailed):
                 err = to_api_error(ev.error)
@@ -103,57 +144,15 @@ async def stream_chat(handle: RequestHandle, body: ChatCompletionRequest, cfg: S
                 break
             if isinstance(ev, ChoiceDone):
                 completion += ev.completion_tokens
-                yield chunk([{"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
-                              "logprobs": None, "finish_reason": ev.finish_reason}])
-                continue
-            if isinstance(ev, ImageProgress):  # an image being drawn: extension field, no content
-                delta = ev.delta() if ev.preview is None else await anyio.to_thread.run_sync(ev.delta)
-                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
-                continue
-            if first:
+            if first and is_output(ev):
                 metrics.ttft.labels(route).observe(time.monotonic() - t0)
                 first = False
-            if isinstance(ev, TextDelta):
-                delta = {"content": ev.text}
-            else:  # an image arrives whole, as one content part
-                delta = {"content": [await anyio.to_thread.run_sync(image_part, ev.image)]}
-            yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            c = await choice(ev)
+            if c is not None:
+                yield chunk([c])
         else:
             if with_usage:
                 yield chunk([], usage(handle.prompt_tokens, completion))
-        yield "data: [DONE]\n\n"
-        metrics.latency.labels(route).observe(time.monotonic() - t0)
-    finally:
-        handle.cancel()  # no-op once finished; the client left otherwise: free its slot
-
-
-async def stream_completion(handle: RequestHandle, body, cfg: ServeConfig,
-                             metrics: ServingMetrics, t0: float):
-    """/v1/completions chunks: text per choice, the last piece with its finish_reason."""
-    route = "/v1/completions"
-    rid, model, created = handle.request_id, cfg.model_name, int(time.time())
-    with_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices, u=None):
-        return sse(completion_chunk(rid, model, created, choices, u, with_usage))
-    done_tokens, first = 0, True
-    try:
-        async for ev in handle:
-            if isinstance(ev, RequestFailed):
-                err = to_api_error(ev.error)
-                yield sse(error_body(err.message, err.type, err.code, err.param))
-                break
-            if first:
-                metrics.ttft.labels(route).observe(time.monotonic() - t0)
-                first = False
-            if isinstance(ev, ChoiceDone):
-                done_tokens += ev.completion_tokens
-                yield chunk([completion_choice(ev.index, ev.text, ev.finish_reason)])
-            elif isinstance(ev, TextDelta):
-                yield chunk([completion_choice(ev.index, ev.text, None)])
-        else:
-            if with_usage:
-                yield chunk([], usage(handle.prompt_tokens, done_tokens))
         yield "data: [DONE]\n\n"
         metrics.latency.labels(route).observe(time.monotonic() - t0)
     finally:
