@@ -57,7 +57,7 @@ setup(
             "uvicorn>=0.23",
             "httpx>=0.25",
             "prometheus-client>=0.17",
-            "pydantic>=2.10",
+            "pydantic>=2",
             "openai>=1.40",
             # the chat page's browser tests (tests/serving/test_webui_browser.py) drive Debian's
             # /usr/bin/chromium; no browser is downloaded
@@ -67,14 +67,13 @@ setup(
         ],
         # `dreamllm-fast serve`: the OpenAI-compatible HTTP server (httpx fetches allow-listed
         # image URLs).
-        # pydantic 2.10: the first with __pydantic_fields__ (serving/request_models.py orders fields)
         "serve": ["fastapi>=0.100", "uvicorn>=0.23", "httpx>=0.25", "prometheus-client>=0.17",
-                  "pydantic>=2.10"],
+                  "pydantic>=2"],
         # `dreamllm-fast serve --ray` / `serve run deploy/ray-serve.yaml`: replicas on Ray Serve.
         # 2.56 is the first release whose serve.ingress() takes the app from the replica
         # (__serve_build_asgi_app__), which ray_app.py relies on; 2.60 is the newest checked.
         "ray": ["ray[serve]>=2.56", "fastapi>=0.100", "uvicorn>=0.23", "httpx>=0.25",
-                "prometheus-client>=0.17", "pydantic>=2.10"],
+                "prometheus-client>=0.17", "pydantic>=2"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1", "polygraphy"],
         # TensorRT's wheels fetch their libraries from NVIDIA's index at install time.
         "tensorrt": ["tensorrt>=10", "onnx>=1.16", "polygraphy"],

@@ -129,7 +129,10 @@ def parse_body(raw: Any, model: type, unsupported: dict) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        # pydantic reports every field's fault; the first in the model's wire order is the one
+        # told (unknown fields and whole-body faults after the known fields, as pydantic lists them)
+        order = {name: i for i, name in enumerate(getattr(model, "FIELD_ORDER", ()))}
+        err = min(e.errors(), key=lambda x: order.get(x["loc"][0] if x["loc"] else None, len(order)))
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"Unrecognized request argument supplied: {loc}", param=loc,

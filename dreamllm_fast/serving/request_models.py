@@ -60,11 +60,11 @@ class GenerationFields(_Strict):
     the length, the sampling, stop strings, the choices, streaming and ``user``; protocol.py's
     `check_choices`, `check_stream_options`, `check_stops` and `check_sampling` read them.
 
-    A subclass names all its fields, its own and these, in `FIELD_ORDER`: the order pydantic
-    validates them in, hence the order of a request's errors (`parse_body` reports the first)
-    and of the JSON schema's properties. It keeps the order each request had before the two
-    shared a base: pydantic alone would put every inherited field first (it has no option to
-    order them otherwise), and a request with two faults would then be refused for another one.
+    A subclass names all its fields, its own and these, in `FIELD_ORDER`: the order in which a
+    request's faults rank (`protocol.parse_body` reports the first fault in that order). It keeps
+    the order each request had on the wire before the two shared a base: pydantic lists every
+    inherited field first, and a request with two faults would otherwise be refused for another
+    one. A FIELD_ORDER that misses or repeats a field is refused when the class is made.
     """
 
     FIELD_ORDER: ClassVar[tuple[str, ...]] = ()
@@ -84,16 +84,10 @@ class GenerationFields(_Strict):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        fields = cls.__pydantic_fields__
+        fields = cls.model_fields
         if len(set(cls.FIELD_ORDER)) != len(cls.FIELD_ORDER) or set(cls.FIELD_ORDER) != set(fields):
             raise TypeError(f"{cls.__name__}.FIELD_ORDER must name each of its fields once; its "
                             f"fields: {sorted(fields)}, FIELD_ORDER: {list(cls.FIELD_ORDER)}")
-        if list(cls.FIELD_ORDER) != list(fields):
-            # the validator and the schema are built from __pydantic_fields__ in its order: a
-            # forced rebuild makes both follow FIELD_ORDER (tests/serving/test_request_models.py
-            # fails if a pydantic release stops honouring it)
-            cls.__pydantic_fields__ = {name: fields[name] for name in cls.FIELD_ORDER}
-            cls.model_rebuild(force=True)
 
 
 class ChatCompletionRequest(GenerationFields):
