@@ -10,12 +10,14 @@ two moments, not the calls that already returned along the way.
    lists it under ``above_route``).
 2. Worker side, on the scheduler's worker thread: the stack at the moment the decode-attention
    kernel is entered for one of that request's decode steps, from the thread's entry down to the
-   function the dispatcher (kernels/dispatch.py) called: the Triton launcher in
-   kernels/decode_attention.py, or the torch oracle ``decode_attention_ref`` in
-   kernels/reference.py when Triton does not run (CPU tensors). This is the eager step, the same
-   Python a CUDA graph captures on a GPU. Only a stack that passes through the decode loop
-   (dreamllm_fast/decoding.py), taken after the request was queued and outside any import, counts:
-   the prompt's prefill runs append_attention, and the scheduler is built without warm-up.
+   function the dispatcher (kernels/dispatch.py; kernels/__init__.py at older commits) called:
+   the Triton launcher in kernels/decode_attention.py, or the torch oracle
+   ``decode_attention_ref`` in kernels/reference.py when Triton does not run (CPU tensors). This
+   is the eager step, the same Python a CUDA graph captures on a GPU (there the step replays the
+   captured graph, and no Python frame launches the kernel). Only a stack that passes through the
+   decode loop (dreamllm_fast/decoding.py), taken after the request was queued and outside any
+   import, counts: the prompt's prefill runs append_attention, and the scheduler is built without
+   warm-up.
 
 The two stacks are joined (route side first) and reduced to frames in files of this repository
 (dreamllm_fast/, kernels/, export/); the standard library, site-packages (starlette, fastapi,
@@ -31,7 +33,7 @@ engine backend on the CPU in fp32, the batched scheduler, the FastAPI app in pro
 starlette's TestClient, ONE non-streaming greedy chat request of 3 tokens. The queue is observed
 by replacing the scheduler's ``_queue`` deque with a recording subclass, the kernel entry by a
 trace function on the threads the app starts (``threading.settrace``, 'call' events only); no
-production code changes.
+production code changes. It needs the serving extra (``pip install -e ".[serve]"``).
 
     python -m dreamllm_fast.devtools.request_path            # the CPU reference kernel
     python -m dreamllm_fast.devtools.request_path --triton   # the Triton launcher (interpreter)
@@ -203,6 +205,12 @@ def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
     from dreamllm_fast import kernels
 
     dirs = _Dirs()
+    pkg = os.path.dirname(os.path.realpath(dreamllm_fast.__file__))
+    kdir = os.path.dirname(os.path.realpath(kernels.__file__))
+    if os.path.dirname(kdir) not in (pkg, os.path.dirname(pkg)):  # a checkout, or an install
+        raise RuntimeError(f"dreamllm_fast comes from {pkg} but dreamllm_fast.kernels from {kdir} "
+                           f"(an editable install maps it to its own checkout): the path would mix "
+                           f"two trees; pass --root {os.path.dirname(pkg)}")
     pipe, tmp = _load(checkpoint)
     sched = BatchedScheduler(pipe, max_batch=2, max_queue=4, warmup=False)
     app = create_app(sched, ServeConfig(model_name="tiny"))
@@ -272,9 +280,7 @@ def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
     rep.update(kernel="triton" if worker[-1][0] == TRITON_KERNEL else "reference",
                kernel_file=worker[-1][0], kernel_function=worker[-1][1], max_tokens=MAX_TOKENS,
                above_route=[f"{p}:{n}" for p, n in repo(route[:start])],
-               root=os.path.dirname(os.path.dirname(os.path.realpath(dreamllm_fast.__file__))),
-               kernels_dir=os.path.dirname(os.path.realpath(kernels.__file__)),
-               commit=_commit(os.path.dirname(os.path.realpath(dreamllm_fast.__file__))))
+               root=os.path.dirname(pkg), kernels_dir=kdir, commit=_commit(pkg))
     return rep
 
 
@@ -314,6 +320,9 @@ def _use_root(root: str) -> None:
                                                           submodule_search_locations=[d])
 
     sys.meta_path.insert(0, CheckoutFinder())
+    # the root itself on sys.path (PYTHONPATH=DIR) would make its kernels/ the top-level `kernels`,
+    # shadowing the PyPI package of that name that transformers and diffusers import
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
 
 
 def _child(args: argparse.Namespace, timeout: float) -> dict:
