@@ -191,16 +191,14 @@ def _load(checkpoint: Optional[str]):
     return pipe, tmp
 
 
-def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
+def measure(checkpoint: Optional[str] = None) -> dict:
     """Serve one chat request in process and return the path report (see the module docstring)."""
-    try:
-        from starlette.testclient import TestClient
+    import importlib.util
 
-        from dreamllm_fast.serving import ServeConfig, create_app
-        from dreamllm_fast.serving.batched import BatchedScheduler
-    except ImportError as e:
-        raise RuntimeError(f"the request path needs the serving extra ({e}): "
-                           f"pip install -e '.[serve]'") from e
+    missing = [m for m in ("fastapi", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:  # httpx: starlette's TestClient drives the app through it
+        raise RuntimeError(f"the request path needs the serving extra ({', '.join(missing)} "
+                           f"missing): pip install -e '.[serve]'")
     import dreamllm_fast
     from dreamllm_fast import kernels
 
@@ -212,6 +210,33 @@ def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
                            f"(an editable install maps it to its own checkout): the path would mix "
                            f"two trees; pass --root {os.path.dirname(pkg)}")
     pipe, tmp = _load(checkpoint)
+    try:
+        rec = _serve_one(pipe, dirs)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    def repo(codes):
+        return [(p, c.co_name) for c in codes if (p := dirs.rel(c.co_filename))]
+
+    route, start = rec["route"], rec["start"]
+    worker = repo(rec["worker"])
+    rep = summarize(repo(route[start:]), worker)
+    rep.update(kernel="triton" if worker[-1][0] == TRITON_KERNEL else "reference",
+               kernel_file=worker[-1][0], kernel_function=worker[-1][1], max_tokens=MAX_TOKENS,
+               above_route=[f"{p}:{n}" for p, n in repo(route[:start])],
+               root=os.path.dirname(pkg), kernels_dir=kdir, commit=_commit(pkg))
+    return rep
+
+
+def _serve_one(pipe, dirs: _Dirs, timeout: float = 120.0) -> dict:
+    """Serve the one request; returns the code objects of the route-side stack ("route", from
+    index "start": the handler) and of the worker-side stack ("worker")."""
+    from starlette.testclient import TestClient
+
+    from dreamllm_fast.serving import ServeConfig, create_app
+    from dreamllm_fast.serving.batched import BatchedScheduler
+
     sched = BatchedScheduler(pipe, max_batch=2, max_queue=4, warmup=False)
     app = create_app(sched, ServeConfig(model_name="tiny"))
     endpoint = _chat_endpoint(app).__code__
@@ -257,8 +282,6 @@ def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
             resp = client.post(ROUTE, json=body)
     finally:
         threading.settrace(before)
-        if tmp is not None:
-            tmp.cleanup()
     if resp.status_code != 200:
         raise RuntimeError(f"the chat request failed: {resp.status_code} {resp.text[:300]}")
     if rec["route"] is None:
@@ -267,21 +290,10 @@ def measure(checkpoint: Optional[str] = None, timeout: float = 120.0) -> dict:
         raise RuntimeError("no decode-attention call through dreamllm_fast/decoding.py was seen after "
                            "the request was queued")
 
-    route = rec["route"]
-    start = next((i for i, c in enumerate(route) if c is endpoint), None)
-    if start is None:
+    rec["start"] = next((i for i, c in enumerate(rec["route"]) if c is endpoint), None)
+    if rec["start"] is None:
         raise RuntimeError(f"the queue append did not run under the {ROUTE} handler")
-
-    def repo(codes):
-        return [(p, c.co_name) for c in codes if (p := dirs.rel(c.co_filename))]
-
-    worker = repo(rec["worker"])
-    rep = summarize(repo(route[start:]), worker)
-    rep.update(kernel="triton" if worker[-1][0] == TRITON_KERNEL else "reference",
-               kernel_file=worker[-1][0], kernel_function=worker[-1][1], max_tokens=MAX_TOKENS,
-               above_route=[f"{p}:{n}" for p, n in repo(route[:start])],
-               root=os.path.dirname(pkg), kernels_dir=kdir, commit=_commit(pkg))
-    return rep
+    return rec
 
 
 def _commit(path: str) -> Optional[str]:
