@@ -3,8 +3,8 @@
 queue append (event loop) and at the kernel entry of a decode step (worker thread).
 
 The in-process run uses the CPU reference kernel (about 2 s after the tiny checkpoint exists); the
-`--triton` run forces the Triton launcher in interpreter mode in a child process (17-20 s of CPU on a
-2-core CPU) and must cross the same files up to the kernel's own.
+`--triton` run forces the Triton launcher in interpreter mode in a child process (17-20 s of CPU
+time on a 2-core machine) and must cross the same files up to the kernel's own.
 """
 import json
 import subprocess
