@@ -8,6 +8,8 @@
 - `stub`: a backend whose math costs nothing (decode-loop tests, host-overhead benchmark, the chat
   page's controlled answers); `host_overhead`: the decode loop's host cost through the real
   pipeline over the stub, and tokens/s through the loop.
+- `request_path`: one chat request's path from the HTTP route to the decode-attention kernel, as
+  the files the calls in progress cross (`python -m dreamllm_fast.devtools.request_path`).
 
 Nothing in the runtime path (engine, pipeline, serving) imports this package; the bench harness
 (`dreamllm-fast bench`) and the tests do.
