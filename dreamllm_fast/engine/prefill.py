@@ -29,6 +29,7 @@ reference against which the bucketed path is tested.
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -51,6 +52,11 @@ def bucket_gap(buckets: Sequence[int]) -> int:
     """Largest distance between consecutive buckets (from 0): a pass pads fewer rows than this."""
     b = sorted(buckets)
     return max(hi - lo for lo, hi in zip([0] + b[:-1], b)) if b else 0
+
+
+def cu_seqlens(lens: Sequence[int]) -> list[int]:
+    """Where each packed sequence starts, then the total: [0, n0, n0 + n1, ...] (host ints)."""
+    return list(itertools.accumulate((int(n) for n in lens), initial=0))
 
 
 class PrefillRunner:
@@ -95,9 +101,7 @@ class PrefillRunner:
     def _write_meta(self, lens: Sequence[int], cache_lens: Sequence[int], slots: Sequence[int]) -> None:
         """Real sequences, then the padding/empty ones (length 0 unless given) on the scratch slot."""
         B = self.max_seqs + 1
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
+        cu = cu_seqlens(lens)
         cu += [cu[-1]] * (B + 1 - len(cu))
         pad = B - len(cache_lens)
         fill_from_host(self.meta, cu + list(cache_lens) + [0] * pad + list(slots) + [self.scratch_slot] * pad)
@@ -132,9 +136,7 @@ class PrefillRunner:
         if self.buckets:
             n = sum(p.shape[0] for p in pieces)
             return self.run(self.prepare(pieces, cache_lens, slots))[:n]
-        cu = [0]
-        for p in pieces:
-            cu.append(cu[-1] + p.shape[0])
+        cu = cu_seqlens([p.shape[0] for p in pieces])
         meta = to_device(cu + list(cache_lens) + list(slots), torch.int32, self.device)
         B = len(pieces)
         x = torch.cat(list(pieces)) if B > 1 else pieces[0]
