@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from dreamllm_fast.checkpoint import load_tokenizer
-from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
 from dreamllm_fast.decoding import DecodeLoop, State
 from dreamllm_fast.sampling import SamplingParams
-from dreamllm_fast.devtools.stub import StubModel
-
-WORDS = list(range(259, 384))  # the tiny tokenizer's merged pieces
-PROMPT = 10
+from loop_helpers import PROMPT, WORDS, prefilled, stub  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +19,8 @@ def tok(tiny_ckpt):
     return load_tokenizer(tiny_ckpt)
 
 
-def stub(tok, **kw):
-    return StubModel(DreamLLMConfig.from_name("tiny"), SpecialTokens.from_tokenizer(tok), WORDS, **kw)
-
-
-def _prefilled(model, n=PROMPT):
-    s = model.new_session()
-    return s, s.extend(torch.zeros(n, model.config.llm.hidden_size))
-
-
 def run_one(model, tok, sp, stops=(), pauses=(), run_ahead=True, max_len=None, prompt=PROMPT):
-    s, logits = _prefilled(model, prompt)
+    s, logits = prefilled(model, prompt)
     loop = DecodeLoop(model, tok, max_len or model.max_len, run_ahead=run_ahead)
     seq = loop.add(s, logits, sp, stop_ids=stops, pause_ids=pauses)
     events = []
@@ -84,7 +71,7 @@ def test_pause_resume_and_budget_spent_on_the_pause(tok):
     m = stub(tok, dream_every=6)
     ds = m.special.dream_start
     assert tok.convert_ids_to_tokens(WORDS[6]).startswith("\u2581"), "segment 2 must start on a word"
-    s, logits = _prefilled(m)
+    s, logits = prefilled(m)
     loop = DecodeLoop(m, tok, m.max_len)
     seq = loop.add(s, logits, SamplingParams(max_new_tokens=14), pause_ids={ds})
 
@@ -116,8 +103,8 @@ def test_a_drain_keeps_the_in_flight_tokens(tok):
     recomputed), so a's 50 tokens cost exactly 49 launches."""
     m = stub(tok)
     loop = DecodeLoop(m, tok, m.max_len)
-    a = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50))
-    b = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50), stop_ids={WORDS[10]})
+    a = loop.add(*prefilled(m), SamplingParams(max_new_tokens=50))
+    b = loop.add(*prefilled(m), SamplingParams(max_new_tokens=50), stop_ids={WORDS[10]})
     while not a.finished:
         loop.step()
     assert b.finish_reason == "stop" and len(b.token_ids) == 11 and a.token_ids == WORDS[:50]
@@ -139,7 +126,7 @@ def test_many_sequences_joining_and_leaving_equal_solo_runs(tok):
     for step in range(200):
         for name, (sp, stops, join, cancel) in plans.items():
             if step == join:
-                sess[name], logits = _prefilled(m)
+                sess[name], logits = prefilled(m)
                 seqs[name] = loop.add(sess[name], logits, sp, stop_ids=stops, tag=name)
                 texts[name] = []
             if step == cancel:
@@ -162,7 +149,7 @@ def test_many_sequences_joining_and_leaving_equal_solo_runs(tok):
 
 def test_error_in_a_step_ends_the_loop_and_leaves_the_backend_usable(tok):
     m = stub(tok)
-    s, logits = _prefilled(m)
+    s, logits = prefilled(m)
     loop = DecodeLoop(m, tok, m.max_len)
     seq = loop.add(s, logits, SamplingParams(max_new_tokens=40))
     loop.step()
@@ -174,7 +161,7 @@ def test_error_in_a_step_ends_the_loop_and_leaves_the_backend_usable(tok):
         return b
 
     loop.finish(seq)  # forces a rebuild at the next step
-    seq2 = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=40))
+    seq2 = loop.add(*prefilled(m), SamplingParams(max_new_tokens=40))
     m.decode_batch = broken
     with pytest.raises(RuntimeError, match="device fault"):
         loop.step()
@@ -186,6 +173,6 @@ def test_error_in_a_step_ends_the_loop_and_leaves_the_backend_usable(tok):
 
 def test_add_refuses_a_logits_batch(tok):
     m = stub(tok)
-    s, logits = _prefilled(m)
+    s, logits = prefilled(m)
     with pytest.raises(Exception, match=r"logits \[V\]"):
         DecodeLoop(m, tok, m.max_len).add(s, logits[None], SamplingParams())

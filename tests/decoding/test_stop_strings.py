@@ -5,29 +5,16 @@ import pytest
 import torch
 
 from dreamllm_fast.checkpoint import load_tokenizer
-from dreamllm_fast.config import DreamLLMConfig, SpecialTokens
 from dreamllm_fast.decoding import DecodeLoop, State
 from dreamllm_fast.detokenize import StopStrings, stream_decode
-from dreamllm_fast.devtools.stub import StubModel
 from dreamllm_fast.errors import InvalidInputError
 from dreamllm_fast.sampling import SamplingParams
-
-WORDS = list(range(259, 384))  # the tiny tokenizer's merged pieces: the stub's walk cycles them
-PROMPT = 10
+from loop_helpers import PROMPT, WORDS, prefilled, stub  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_ckpt):
     return load_tokenizer(tiny_ckpt)
-
-
-def stub(tok, **kw):
-    return StubModel(DreamLLMConfig.from_name("tiny"), SpecialTokens.from_tokenizer(tok), WORDS, **kw)
-
-
-def _prefilled(model, n=PROMPT):
-    s = model.new_session()
-    return s, s.extend(torch.zeros(n, model.config.llm.hidden_size))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +41,7 @@ def _boundary_stop(tok, n=60):
 
 
 def _run(m, tok, sp, run_ahead, **add):
-    s, logits = _prefilled(m)
+    s, logits = prefilled(m)
     loop = DecodeLoop(m, tok, m.max_len, run_ahead=run_ahead)
     seq = loop.add(s, logits, sp, **add)
     events = []
@@ -89,8 +76,8 @@ def test_one_row_stopping_leaves_its_batch_mate_untouched(tok):
     stop, k, before = _boundary_stop(tok)
     m = stub(tok)
     loop = DecodeLoop(m, tok, m.max_len)
-    a = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50))
-    b = loop.add(*_prefilled(m), SamplingParams(max_new_tokens=50), stop_strings=(stop,))
+    a = loop.add(*prefilled(m), SamplingParams(max_new_tokens=50))
+    b = loop.add(*prefilled(m), SamplingParams(max_new_tokens=50), stop_strings=(stop,))
     text = {id(a): "", id(b): ""}
     while not a.finished:
         for e in loop.step():
