@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve_cli import add_serve_args, cmd_serve  # no serving import until `serve` runs
 
     add_serve_args(p)
-    p.set_defaults(fn=cmd_serve)
+    add_runtime_args(p)
+    p.set_defaults(fn=lambda args: cmd_serve(args, default_checkpoint))
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the release layout")
     p.add_argument("dir")

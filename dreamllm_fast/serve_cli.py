@@ -10,11 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import add_runtime_args, default_checkpoint
 from .errors import DreamLLMError
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, resolve_checkpoint) -> int:
+    """Serve until interrupted. resolve_checkpoint(args): fills in `args.checkpoint` when none was
+    given (cli.py passes its `default_checkpoint`)."""
     if args.ray:  # replicas on a Ray cluster: serving/ray_app.py
         try:
             from .serving.ray_app import serve_on_ray
@@ -33,7 +34,7 @@ def cmd_serve(args) -> int:
                             f"pip install 'dreamllm-fast[serve]'") from None
     import socket
 
-    default_checkpoint(args)
+    resolve_checkpoint(args)  # no --checkpoint: cli.default_checkpoint writes the tiny one
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this port "
@@ -85,6 +86,7 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The server's flags (cli.py adds the runtime ones: device, dtype, backends, weights)."""
     p.add_argument("--checkpoint", "-c", default=None,
                    help="checkpoint directory (default: the embedded tiny random checkpoint)")
     p.add_argument("--host", default="127.0.0.1",
@@ -92,7 +94,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $DREAMLLM_API_KEY; none)")
-    add_runtime_args(p)
     p.add_argument("--scheduler", default="batched", choices=("batched", "sequential"),
                    help="batched: continuous batching of every request kind (default); "
                         "sequential: one request at a time (the baseline)")

@@ -31,14 +31,11 @@ from __future__ import annotations
 import bisect
 import time
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .graphs import CudaGraphs
-
-if TYPE_CHECKING:
-    from .decode import DecodeBuffers
 
 CAPTURE_REMEDIES = (
     "remedies: (1) pass EngineConfig(use_cuda_graphs=False) to decode eagerly (same numbers, more "
@@ -58,8 +55,10 @@ StepFn = Callable[[int, str], torch.Tensor]  # (rows, mode) -> logits [rows, V],
 class CudaGraphRunner:
     """Captured `step_fn(bs, mode)` for every capture size and mode (see the module docstring)."""
 
-    def __init__(self, step_fn: StepFn, buffers: "DecodeBuffers", capture_sizes: Sequence[int],
+    def __init__(self, step_fn: StepFn, buffers, capture_sizes: Sequence[int],
                  device, modes: Sequence[str] = MODES, backend=None):
+        """buffers: the step's static inputs (`engine/decode.py: DecodeBuffers`: `capacity`,
+        `reset()`, and the "logits" mode's `embeds`, `cache_lens`, `slot_ids`, `scratch_slot`)."""
         self.step_fn = step_fn
         self.backend = backend  # engine.graphs backend; None: real CUDA graphs (CudaGraphs) at capture
         self.bufs = buffers
