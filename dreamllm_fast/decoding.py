@@ -401,9 +401,12 @@ class DecodeLoop:
     def _end(self, s: Sequence, state: State, tok, events: list, reason, text: str = "",
              stopped: bool = False) -> None:
         """The segment ends (pause or finish): its held text is flushed through the stop strings;
-        one found there ends the sequence ("stop") instead. `stopped`: a stop string already did."""
+        one found there ends the sequence ("stop") instead. `stopped`: a stop string already did.
+        An "error" ending stays one (its text is flushed as it is)."""
         was_running = s.state is State.RUNNING
-        if not stopped:
+        if reason == "error":
+            text += s.detok.flush()
+        elif not stopped:
             tail, hit = s.cut(s.detok.flush())
             text += tail
             if hit:

@@ -365,11 +365,13 @@ class DreamLLMPipeline:
                         yield image
                         loop.resume(seq, logits)
         finally:
-            loop.close()
-            if seq is not None:
-                self._last_ids = seq.token_ids
-                self._last_reason = seq.finish_reason
-            session.close()
+            try:
+                loop.close()
+            finally:
+                if seq is not None:
+                    self._last_ids = seq.token_ids
+                    self._last_reason = seq.finish_reason
+                session.close()
 
     def _dream(self, session, opts, generator):
         """Queries into the live cache -> condition -> image -> fed back; returns (image, logits)."""

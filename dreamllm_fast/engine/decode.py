@@ -131,7 +131,7 @@ class EngineDecodeBatch(DecodeBatchBase):
         if not 1 <= B <= d.capacity:
             raise InvalidInputError(f"a decode batch holds 1 to {d.capacity} sequences, got {B}; "
                                     "raise EngineConfig.max_batch")
-        if len({s.slot for s in sessions}) != B or any(s.closed or s.m.decoder is not d or s.decoding is not None
+        if len({s.slot for s in sessions}) != B or any(s.closed or getattr(s.m, "decoder", None) is not d or s.decoding is not None
                                                        for s in sessions):
             raise InvalidInputError("decode_batch needs distinct open sessions of this engine")
         if not (len(token_ids) == len(params) == len(seeds) == B):

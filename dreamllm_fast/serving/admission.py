@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..detokenize import StopStrings
 from ..diffusion import check_diffusion_args, max_inference_steps
 from ..errors import ContextOverflowError, InvalidInputError
 from ..prompt import Prompt, PromptBuilder
@@ -161,7 +162,8 @@ class Prepared:
 
 def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepared:
     """Everything `submit` checks before queueing (both schedulers): prompt length against the
-    context (images included), max_new_tokens resolved, diffusion settings, the image size."""
+    context (images included), max_new_tokens resolved, stop strings, diffusion settings, the
+    image size."""
     # A builder per call: the worker builds prompts with the pipeline's own builder meanwhile.
     builder = PromptBuilder(pipe.tokenizer, pipe.config, pipe.special)
     max_len = pipe.max_len
@@ -189,7 +191,7 @@ def prepare_request(pipe, req: GenerationRequest, max_piece_chars: int) -> Prepa
             if n_prompt + max_new > max_len:
                 raise ContextOverflowError(
                     _overflow_msg(max_len, n_prompt, len(prompt.images), span, max_new))
-        req = dataclasses.replace(req, max_new_tokens=max_new,
+        req = dataclasses.replace(req, max_new_tokens=max_new, stop=tuple(StopStrings(req.stop).stops),
                                   sampling=dataclasses.replace(req.sampling, max_new_tokens=max_new))
     else:
         if len(req.prompt or "") > max_len * max_piece_chars:

@@ -235,8 +235,13 @@ class BatchedScheduler(Admission, PrefillPasses, ImageSteps, Outcomes, WorkerSch
             if ev.token is not None:
                 tokens += 1
                 got.append((c.req.handle.request_id, c.index))
-            if ev.kind == "finish":  # the last text rides on ChoiceDone
-                self._complete(c, "stop" if ev.reason == "stop" else None, ev.text)
+            if ev.kind == "finish":
+                if ev.reason == "stop" and ev.token not in ev.seq.stop_ids:
+                    # a stop string ended it: the text before it streams, then an empty ChoiceDone
+                    c.emit(ev.text)
+                    self._complete(c, "stop")
+                else:  # a stop id or a limit: the last text rides on ChoiceDone (vLLM's last chunk)
+                    self._complete(c, "stop" if ev.reason == "stop" else None, ev.text)
                 continue
             c.emit(ev.text)
             if ev.kind == "pause":

@@ -120,6 +120,20 @@ def test_a_stop_string_in_a_pause_flush_ends_the_sequence_instead(tok):
     assert seq.state is not State.PAUSED
 
 
+def test_an_error_ending_stays_an_error(tok):
+    """A sequence whose own step raised ends with "error" (DecodeLoop._isolate calls `_end` so),
+    even when its held text would complete a stop string: the server fails that request."""
+    m = stub(tok)
+    loop = DecodeLoop(m, tok, m.max_len)
+    seq = loop.add(*prefilled(m), SamplingParams(max_new_tokens=10), stop_strings=["\u00e9"])
+    for piece in ("<0xC3>", "<0xA9>"):  # "é" as an open byte run: held until something closes it
+        assert seq.detok.add(tok.convert_tokens_to_ids(piece)) == ""
+    events = []
+    loop._end(seq, State.FINISHED, None, events, "error")
+    assert seq.finish_reason == "error" and events[-1].reason == "error"
+    loop.close()
+
+
 def test_stop_strings_refuse_what_is_not_text():
     assert StopStrings("ab").stops == ["ab"] and StopStrings(None).stops == [] and StopStrings(["", "x"]).stops == ["x"]
     for bad in (3, [b"x"], ["a", None], "x".encode()):

@@ -95,6 +95,26 @@ def test_stream_n_seed_and_stop(client, ref_pipe):
     assert r.choices[0].text == full[:full.index(cut)] and r.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_string_ends_generation_where_it_appears(client):
+    """The decode loop applies stop strings on both schedulers: generation ends at the token that
+    completes one (fewer completion tokens), and a stream carries the text before it in a delta
+    chunk, then an empty finish chunk."""
+    kw = dict(model=MODEL, prompt=FEW_SHOT, max_tokens=16, temperature=0)
+    full = client.completions.create(**kw)
+    text = full.choices[0].text
+    # a second, longer stop string makes the first one's leading text wait in the hold-back, so
+    # that text is still to send when the first completes
+    at = next(i for i in range(4, len(text) - 1) if text.find(text[i:i + 2]) == i)
+    cut, stops = text[at:at + 2], [text[at:at + 2], "\x01never\x01"]
+    r = client.completions.create(stop=stops, **kw)
+    assert r.choices[0].text == text[:text.index(cut)] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < full.usage.completion_tokens, "generation went on past the stop"
+    chunks = [(ch.text, ch.finish_reason) for chunk in client.completions.create(stop=stops, stream=True, **kw)
+              for ch in chunk.choices]
+    assert "".join(t for t, _ in chunks) == text[:text.index(cut)]
+    assert chunks[-1] == ("", "stop") and all(f is None for _, f in chunks[:-1]), chunks
+
+
 def test_refusals(client):
     for extra, words in (({"echo": True}, "echo"), ({"images": []}, "placeholder"),
                          ({"prompt": ["a", "b"]}, "one prompt"), ({"best_of": 3}, "best_of"),
