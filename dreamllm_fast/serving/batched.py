@@ -264,8 +264,9 @@ class BatchedScheduler(Admission, PrefillPasses, ImageSteps, Outcomes, WorkerSch
         return used, (self.max_batch if total is None else min(total, self.max_batch))
 
     def phases(self) -> list[tuple[str, int, str]]:
-        """(request id, choice, phase) of every admitted choice (tests and debugging): phase is
-        one of pending, prefill, decode, dream, diffuse, feedback, done."""
+        """What the worker is doing, like `stats()` a read-only view from any thread: (request id,
+        choice, phase) of every admitted choice, phase one of pending, prefill, decode, dream,
+        diffuse, feedback, done (a snapshot: the worker moves on meanwhile)."""
         return [(r.handle.request_id, c.index, c.phase) for r in list(self._reqs) for c in r.choices]
 
     def stats(self) -> SchedulerStats:
