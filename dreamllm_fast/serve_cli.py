@@ -51,6 +51,7 @@ def cmd_serve(args, resolve_checkpoint) -> int:
         body_timeout_s=args.body_timeout, max_temperature=args.max_temperature,
         media=MediaLimits(max_image_bytes=int(args.max_image_mb * 2**20),
                           max_image_pixels=args.max_image_pixels, max_images=args.max_input_images,
+                          max_image_side=args.max_image_side, max_aspect_ratio=args.max_aspect_ratio,
                           allowed_hosts=tuple(args.allow_image_host or ()),
                           fetch_timeout_s=args.image_fetch_timeout))
 
@@ -113,6 +114,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="encoded size limit per image (MiB)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="pixel limit per input image, checked on the header before decoding")
+    p.add_argument("--max-image-side", type=int, default=4096,
+                   help="pixels a side per input image, from the header before decoding (default 4096)")
+    p.add_argument("--max-aspect-ratio", type=float, default=20.0,
+                   help="long side / short side per input image, from the header before decoding "
+                        "(default 20: a 4096x1 PNG cost ~2 GB in CLIP preprocessing)")
     p.add_argument("--max-input-images", type=int, default=None,
                    help="input images per request (default: as many as fit the context, 7 at "
                         "2048 tokens; the count is checked before any image is decoded)")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 from urllib.parse import urljoin, urlsplit
 
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, InvalidInputError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)"
                        r"(?P<b64>;base64)?,", re.IGNORECASE)
@@ -48,6 +48,24 @@ class MediaLimits:
     max_aspect_ratio: float = 20.0
     allowed_hosts: tuple[str, ...] = ()  # "host" (any port) or "host:port"; empty: no fetching
     fetch_timeout_s: float = 10.0
+
+    def __post_init__(self):
+        """Refuse a limit that would refuse everything or nothing, naming the server's flag."""
+        for name, flag in _FLAGS.items():
+            v = getattr(self, name)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and \
+                (v > 0 if name == "fetch_timeout_s" else v >= 1)
+            if not ok:
+                raise InvalidInputError(f"{name} must be {'> 0' if name == 'fetch_timeout_s' else '>= 1'}, "
+                                        f"got {v!r} (the server's {flag} flag)")
+        if self.max_images is not None and (isinstance(self.max_images, bool) or self.max_images < 0):
+            raise InvalidInputError(f"max_images must be >= 0 or None, got {self.max_images!r} "
+                                    "(the server's --max-input-images flag)")
+
+
+_FLAGS = {"max_image_bytes": "--max-image-mb", "max_image_pixels": "--max-image-pixels",
+          "max_image_side": "--max-image-side", "max_aspect_ratio": "--max-aspect-ratio",
+          "fetch_timeout_s": "--image-fetch-timeout"}
 
 
 # -- header dimensions (no decoding) --------------------------------------------------------------
@@ -118,13 +136,13 @@ def _check_pixels(w: int, h: int, limits: MediaLimits) -> None:
             f"pixels (--max-image-pixels); it was refused before decoding")
     if max(w, h) > limits.max_image_side:
         raise ImageLoadError(
-            f"the image is {w}x{h} pixels; the limit is {limits.max_image_side} pixels a side; "
-            f"it was refused before decoding: downscale it")
+            f"the image is {w}x{h} pixels; the limit is {limits.max_image_side} pixels a side "
+            f"(--max-image-side); it was refused before decoding: downscale it")
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
         raise ImageLoadError(
-            f"the image is {w}x{h} pixels, an aspect ratio over {limits.max_aspect_ratio:g}:1; "
-            f"the model sees a center crop of a square, so crop it first (refused before "
-            f"decoding)")
+            f"the image is {w}x{h} pixels, an aspect ratio over {limits.max_aspect_ratio:g}:1 "
+            f"(--max-aspect-ratio); the model sees a center crop of a square, so crop it first "
+            f"(refused before decoding)")
 
 
 # -- URLs -----------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ class RayServeArgs(BaseModel):
     max_n: int = Field(8, ge=1)
     max_image_mb: float = Field(16.0, gt=0)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_side: int = Field(4096, ge=1)
+    max_aspect_ratio: float = Field(20.0, ge=1)
     max_input_images: Optional[int] = Field(None, ge=0)  # None: as many as fit the context
     body_timeout: float = Field(30.0, gt=0)
     max_temperature: float = Field(2.0, ge=0)
@@ -136,6 +138,8 @@ class RayServeArgs(BaseModel):
             media=MediaLimits(max_image_bytes=int(self.max_image_mb * 2**20),
                               max_image_pixels=self.max_image_pixels,
                               max_images=self.max_input_images,
+                              max_image_side=self.max_image_side,
+                              max_aspect_ratio=self.max_aspect_ratio,
                               allowed_hosts=tuple(self.allow_image_host),
                               fetch_timeout_s=self.image_fetch_timeout))
 
@@ -176,7 +180,7 @@ SCHEDULERS: dict[str, Callable[[Callable[..., Any], RayServeArgs], Scheduler]] =
     name: _named(name) for name in SCHEDULER_NAMES}
 
 
-def make_noise_scheduler(args: RayServeArgs) -> Scheduler:
+def make_request_scheduler(args: RayServeArgs) -> Scheduler:
     """The replica's scheduler (not started). A custom one is named "package.module:factory",
     called as ``factory(load, args)``, and must implement `scheduler.Scheduler`."""
     factory = SCHEDULERS.get(args.scheduler)
@@ -252,7 +256,7 @@ class DreamLLMReplica:
         self.app_name, self.deployment_name, self.replica_id = _replica_identity()
         # Resolved here, in the replica's environment, so a key need not travel in the config.
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None
-        self.scheduler = make_noise_scheduler(self.args)
+        self.scheduler = make_request_scheduler(self.args)
         self.scheduler.start()
         t0 = time.monotonic()
         deadline = t0 + self.args.ready_timeout_s

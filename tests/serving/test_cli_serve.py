@@ -51,7 +51,8 @@ def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckp
                      "--max-body-mb", "1", "--model-name", "m1", "--max-batch", "6",
                      "--prefill-chunk", "32", "--image-batch", "2", "--max-input-images", "3",
                      "--backend", "engine", "--device", "cpu", "--header-timeout", "7",
-                     "--body-timeout", "9", "--max-temperature", "4"]) == 0
+                     "--body-timeout", "9", "--max-temperature", "4", "--max-image-side", "512",
+                     "--max-aspect-ratio", "4"]) == 0
     host, port = recorder.last.bound
     assert host == "127.0.0.1" and port > 0
     out = capsys.readouterr()
@@ -62,6 +63,7 @@ def test_serve_binds_loopback_by_default_and_wires_the_limits(recorder, tiny_ckp
     assert cfg.model_name == "m1" and cfg.api_key is None and cfg.max_body_bytes == 2**20
     assert cfg.media.max_image_pixels == 1000 and cfg.media.allowed_hosts == ("img.local:8080",)
     assert cfg.media.max_images == 3
+    assert cfg.media.max_image_side == 512 and cfg.media.max_aspect_ratio == 4
     assert cfg.body_timeout_s == 9 and cfg.max_temperature == 4
     from dreamllm_fast.serving.slow_clients import header_timeout_protocol
 

@@ -130,3 +130,20 @@ def test_side_and_aspect_ratio_limits(w, h, ok):
     else:
         with pytest.raises(ImageLoadError, match="refused before decoding"):
             check_header(data, MediaLimits())
+
+
+def test_side_and_aspect_ratio_limits_follow_the_flags():
+    from dreamllm_fast.errors import ImageLoadError, InvalidInputError
+    from dreamllm_fast.serving.media import check_header
+
+    limits = MediaLimits(max_image_side=1000, max_aspect_ratio=2)
+    assert check_header(bomb_png(1000, 500), limits) == "PNG"
+    with pytest.raises(ImageLoadError, match=r"1001x600 pixels; the limit is 1000 pixels a side \(--max-image-side\)"):
+        check_header(bomb_png(1001, 600), limits)
+    with pytest.raises(ImageLoadError, match=r"over 2:1 \(--max-aspect-ratio\)"):
+        check_header(bomb_png(1000, 499), limits)
+    for bad, flag in (({"max_image_side": 0}, "--max-image-side"), ({"max_aspect_ratio": 0.5}, "--max-aspect-ratio"),
+                      ({"max_image_pixels": -1}, "--max-image-pixels"), ({"max_image_bytes": 0}, "--max-image-mb"),
+                      ({"fetch_timeout_s": 0}, "--image-fetch-timeout"), ({"max_images": -1}, "--max-input-images")):
+        with pytest.raises(InvalidInputError, match=flag):
+            MediaLimits(**bad)

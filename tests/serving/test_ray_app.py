@@ -70,24 +70,25 @@ def test_deployment_options_fixed_and_autoscaling():
 def test_each_named_scheduler_is_built_as_the_cli_builds_it(tiny_ckpt):
     a = RayServeArgs(checkpoint=str(tiny_ckpt), device="cpu", backend="engine", max_batch=3,
                      prefill_chunk=64, image_batch=2, max_queue=5)
-    sched = ray_app.make_noise_scheduler(a)  # the default: batched
+    sched = ray_app.make_request_scheduler(a)  # the default: batched
     assert (sched.name, sched.max_batch, sched.prefill_chunk, sched.max_images, sched.max_queue) == \
         ("batched", 3, 64, 2, 5)
     ec = sched._load().model.engine_config  # the replica's engine: 3 slots, graphs up to 3
     assert ec.max_batch == 3 and ec.cuda_graph_batch_sizes == (1, 2, 3)
-    seq = ray_app.make_noise_scheduler(a.model_copy(update={"scheduler": "sequential"}))
+    seq = ray_app.make_request_scheduler(a.model_copy(update={"scheduler": "sequential"}))
     assert seq.name == "sequential" and seq.max_queue == 5
 
 
 def test_serve_config_matches_the_flags():
     a = RayServeArgs(checkpoint="/models/dreamllm-7b", max_body_mb=1, max_image_mb=2,
                      max_image_pixels=1000, max_input_images=3, allow_image_host=["img:80"],
-                     image_fetch_timeout=4, max_n=5)
+                     image_fetch_timeout=4, max_n=5, max_image_side=512, max_aspect_ratio=3)
     c = a.serve_config("k")
     assert c.model_name == "dreamllm-7b" and c.api_key == "k" and c.max_n == 5
     assert c.max_body_bytes == 2**20 and c.media.max_image_bytes == 2 * 2**20
     assert c.media.max_image_pixels == 1000 and c.media.max_images == 3
     assert c.media.allowed_hosts == ("img:80",) and c.media.fetch_timeout_s == 4
+    assert c.media.max_image_side == 512 and c.media.max_aspect_ratio == 3
 
 
 def test_build_app_resolves_a_relative_checkpoint(tmp_path, monkeypatch):
