@@ -12,13 +12,10 @@ the shared machine).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from fake_cuda_helpers import run_json_report  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
                                 reason="fake CUDA tensors need torch's CUDA build (a CPU-only wheel has none)")
@@ -28,11 +25,7 @@ GiB = 2 ** 30
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.devtools.check7b", "--json"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"fake-CUDA run failed:\n{p.stderr[-4000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json_report("dreamllm_fast.devtools.check7b")
 
 
 def test_every_stage_runs_at_released_shapes(report):

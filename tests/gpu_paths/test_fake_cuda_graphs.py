@@ -11,12 +11,11 @@ the step (aten.index.Tensor, flagged data-dependent) before any GPU saw it. Meas
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from fake_cuda_helpers import run_json_report  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
                                 reason="fake CUDA tensors need torch's CUDA build (a CPU-only wheel has none)")
@@ -24,11 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.export.check_graphs", "--json"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"fake-CUDA run failed:\n{p.stderr[-4000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json_report("dreamllm_fast.export.check_graphs")
 
 
 def test_whole_step_captures_at_512_without_host_work(report):

@@ -17,13 +17,10 @@ int8` on a GPU gives the measured figure. Cost: ~50 s of CPU (3-4 min wall on th
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from fake_cuda_helpers import run_json_report  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
                                 reason="fake CUDA tensors need torch's CUDA build (a CPU-only wheel has none)")
@@ -33,11 +30,7 @@ GiB = 2 ** 30
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "dreamllm_fast.devtools.check7b", "--json", "--no-plants",
-                        "--weights", "int8"], env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"fake-CUDA int8 run failed:\n{p.stderr[-4000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json_report("dreamllm_fast.devtools.check7b", "--no-plants", "--weights", "int8", timeout=900)
 
 
 def test_int8_engine_runs_every_stage_captured(report):
