@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fake_cuda_helpers import run_json_report  # noqa: E402
+from fake_cuda_helpers import run_json_report
 
 pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
                                 reason="fake CUDA tensors need torch's CUDA build (a CPU-only wheel has none)")
