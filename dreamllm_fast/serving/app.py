@@ -134,15 +134,20 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
         check_model(model_id)
         return model_card(cfg.model_name, app.state.created)
 
+    async def accept(request: Request, model: type, unsupported: dict, build):
+        """A chat or completion request parsed, checked, turned into a `GenerationRequest` by
+        `build` (protocol.chat_request, completions.completion_request) and queued: (body, handle)."""
+        body = parse_body(await _json(request), model, unsupported)
+        check_model(body.model)
+        sched = ready(request)
+        gen = await build(body, cfg, request.app.state.http_client,
+                          context=(sched.max_context, sched.image_tokens))
+        return body, await _submit(sched, gen)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
         t0 = time.monotonic()
-        body = parse_body(await _json(request), ChatCompletionRequest, UNSUPPORTED_CHAT)
-        check_model(body.model)
-        sched = ready(request)
-        gen = await chat_request(body, cfg, request.app.state.http_client,
-                                 context=(sched.max_context, sched.image_tokens))
-        handle = await _submit(sched, gen)
+        body, handle = await accept(request, ChatCompletionRequest, UNSUPPORTED_CHAT, chat_request)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
             return EventStream(stream_chat(handle, body, cfg, metrics, t0), headers=headers)
@@ -163,12 +168,8 @@ def create_app(scheduler: Optional[Scheduler], config: Optional[ServeConfig] = N
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):
         t0 = time.monotonic()
-        body = parse_body(await _json(request), CompletionRequest, UNSUPPORTED_COMPLETION)
-        check_model(body.model)
-        sched = ready(request)
-        gen = await completion_request(body, cfg, request.app.state.http_client,
-                                       context=(sched.max_context, sched.image_tokens))
-        handle = await _submit(sched, gen)
+        body, handle = await accept(request, CompletionRequest, UNSUPPORTED_COMPLETION,
+                                    completion_request)
         headers = {"x-request-id": handle.request_id}
         if body.stream:
             return EventStream(stream_completion(handle, body, cfg, metrics, t0), headers=headers)
